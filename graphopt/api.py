@@ -1,0 +1,112 @@
+"""The public entry points: ``optimize`` (passes only) and ``compile`` (passes + backend)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from graphopt.capture import capture
+from graphopt.graph import Graph
+from graphopt.instruments import IRDumpInstrument, TimingInstrument, VerifyInstrument
+from graphopt.pipeline import Instrument, Pipeline
+
+__all__ = ["optimize", "compile"]
+
+
+def _as_graph(model: "torch.nn.Module | Graph", example_inputs: Any, dynamic_shapes: Any) -> Graph:
+    if isinstance(model, Graph):
+        return model
+    if example_inputs is None:
+        from graphopt.errors import CaptureError
+
+        raise CaptureError("example_inputs are needed to capture a torch.nn.Module")
+    return capture(model, example_inputs, dynamic_shapes=dynamic_shapes)
+
+
+def optimize(model: "torch.nn.Module | Graph", example_inputs: Any = None, pipeline: "str | Pipeline" = "default",
+             *, dynamic_shapes: Any = None, verify: bool = False, dump_ir: str | None = None,
+             instruments: list[Instrument] | None = None, calibration_data: Any = None) -> Graph:
+    """Capture ``model`` (unless it is a Graph already) and run ``pipeline`` over it.
+
+    ``verify=True`` runs the graph after every pass and fails with the pass's name when it
+    leaves its tolerance; ``dump_ir=DIR`` writes numbered IR files before/after each pass.
+    ``calibration_data`` (an iterable of input batches) is what the quantize pass calibrates
+    on. The per-pass timing table is left in ``graph.annotations["timing"]``.
+    """
+    graph = _as_graph(model, example_inputs, dynamic_shapes)
+    if calibration_data is not None:
+        graph = graph.copy()
+        graph.annotations["calibration_data"] = calibration_data
+    pipe = Pipeline.parse(pipeline)
+    timing = TimingInstrument()
+    ins: list[Instrument] = [timing, *(instruments or [])]
+    verifier = VerifyInstrument() if verify else None
+    if verifier:
+        ins.append(verifier)
+    if dump_ir:
+        ins.append(IRDumpInstrument(dump_ir))
+    out = pipe.run(graph, ins)
+    out.annotations["timing"] = timing.table()
+    if verifier:
+        out.annotations["verify"] = verifier.table()
+    return out
+
+
+def compile(model: "torch.nn.Module | Graph", target: Any = "x86", example_inputs: Any = None,  # noqa: A001
+            pipeline: "str | Pipeline" = "default", *, dynamic_shapes: Any = None, verify: bool = False,
+            dump_ir: str | None = None, fusion: str | None = None, schedules: bool = True,
+            tune: Any = None, calibration_data: Any = None):
+    """Optimize ``model`` with ``pipeline`` and build it for ``target``; returns a CompiledModule.
+
+    ``target`` is a preset name (``graphopt targets`` lists them), ``cuda:sm_XX`` or a TVM
+    target dict. ``fusion`` overrides the backend's fusion policy ("tvm" or "none").
+    ``tune`` (a graphopt.targets.tuning.Tune) autotunes with MetaSchedule into its database
+    first; ``calibration_data`` feeds static quantization.
+    """
+    from graphopt import __version__
+    from graphopt.artifact import CompiledModule
+    from graphopt.targets.registry import resolve_target
+
+    spec = resolve_target(target)
+    pipe = Pipeline.parse(pipeline)
+    t0 = time.perf_counter()
+    graph = _as_graph(model, example_inputs, dynamic_shapes)
+    t1 = time.perf_counter()
+    optimized = optimize(graph, pipeline=pipe, verify=verify, dump_ir=dump_ir, calibration_data=calibration_data)
+    t2 = time.perf_counter()
+
+    import tvm
+
+    from graphopt.targets.build import build, fusion_mode
+    from graphopt.targets.lower import lower_to_relax
+
+    fusion = fusion_mode(optimized, fusion)
+    mod = lower_to_relax(optimized)
+    extra_passes = []
+    if tune is not None:
+        from graphopt.targets.tuning import tuning_passes
+
+        extra_passes = tuning_passes(mod, spec, tune, fusion=fusion)
+    executable = build(mod, spec, fusion=fusion, schedules=schedules, extra_passes=extra_passes)
+    t3 = time.perf_counter()
+    manifest = {
+        "format": "graphopt-artifact",
+        "format_version": 1,
+        "name": optimized.name,
+        "graphopt_version": __version__,
+        "tvm_version": tvm.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "target": spec.to_json(),
+        "pipeline": str(pipe),
+        "fusion": fusion,
+        "entry": "main",
+        "inputs": [s.to_json() for s in optimized.input_specs],
+        "outputs": [s.to_json() for s in optimized.output_specs],
+    }
+    module = CompiledModule(executable, manifest)
+    module.graph = optimized
+    module.stats = {"capture_s": t1 - t0, "passes_s": t2 - t1, "build_s": t3 - t2, "total_s": t3 - t0,
+                    "timing": optimized.annotations.get("timing", "")}
+    return module

@@ -1,0 +1,239 @@
+"""Compiled modules and the artifacts they are saved as.
+
+An artifact is a folder::
+
+    out/model.so        the TVM Relax VM executable, a shared library (cross-compiled for ARM)
+    out/manifest.json   what it is: versions, target, pipeline, input/output specs, SHA-256
+
+``CompiledModule.save`` writes both into a temporary sibling folder and renames it into
+place, so a failure never leaves a half-written artifact. ``graphopt.load`` needs neither
+the original model nor its Python code; it checks the manifest, the library's hash, the
+target against this machine and the TVM version before loading, and every call checks
+input shapes and dtypes against the manifest. The manifest holds no timestamps: compiling
+the same model with the same pipeline twice gives byte-identical manifests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import threading
+from typing import Any, Sequence
+
+import numpy as np
+
+from graphopt.errors import ArtifactError, InputError
+from graphopt.graph import TensorSpec, check_shape
+
+FORMAT = "graphopt-artifact"
+FORMAT_VERSION = 1
+LIBRARY = "model.so"
+MANIFEST = "manifest.json"
+
+
+def _ensure_threads() -> None:
+    # TVM's runtime uses one thread unless told otherwise (see shared notes); use every core
+    # we may run on, unless the user chose a number.
+    if "TVM_NUM_THREADS" not in os.environ:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except AttributeError:
+            n = os.cpu_count() or 1
+        os.environ["TVM_NUM_THREADS"] = str(n)
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class CompiledModule:
+    """A model compiled for one target: call it with torch tensors or numpy arrays.
+
+    Returns what the model returned: one tensor, or a tuple for several outputs (torch
+    tensors when called with torch tensors, numpy arrays otherwise). Safe to call from
+    several threads: each thread gets its own VM over the shared executable.
+    """
+
+    def __init__(self, executable: Any, manifest: dict[str, Any], path: str | None = None):
+        _ensure_threads()
+        self.executable = executable
+        self.manifest = manifest
+        self.path = path
+        self.inputs = [TensorSpec.from_json(d) for d in manifest["inputs"]]
+        self.outputs = [TensorSpec.from_json(d) for d in manifest["outputs"]]
+        self.stats: dict[str, Any] = {}
+        self._local = threading.local()
+
+    # ----------------------------------------------------------------- calling
+    @property
+    def target_name(self) -> str:
+        return self.manifest["target"]["name"]
+
+    @property
+    def pipeline(self) -> str:
+        return self.manifest["pipeline"]
+
+    def _device(self):
+        import tvm
+
+        return tvm.cuda(0) if self.manifest["target"]["tvm"]["kind"] == "cuda" else tvm.cpu(0)
+
+    def _vm(self):
+        vm = getattr(self._local, "vm", None)
+        if vm is None:
+            from tvm import relax
+
+            if self.manifest["target"].get("cross_triple") and self.manifest["target"]["tvm"]["kind"] == "llvm":
+                raise ArtifactError(f"this module was built for {self.manifest['target']['name']} "
+                                    f"({self.manifest['target']['cross_triple']}); run it on that device")
+            vm = relax.VirtualMachine(self.executable, self._device())
+            self._local.vm = vm
+        return vm
+
+    def __call__(self, *inputs: Any) -> Any:
+        arrays, as_torch = self._check_inputs(inputs)
+        import tvm
+
+        dev = self._device()
+        args = [tvm.runtime.tensor(a, dev) for a in arrays]
+        result = self._vm()[self.manifest.get("entry", "main")](*args)
+        outs = [r.numpy() for r in (result if not hasattr(result, "numpy") else [result])]
+        if as_torch:
+            import torch
+
+            outs = [torch.from_numpy(o) for o in outs]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _check_inputs(self, inputs: Sequence[Any]) -> tuple[list[np.ndarray], bool]:
+        if len(inputs) != len(self.inputs):
+            names = ", ".join(s.name for s in self.inputs)
+            raise InputError(f"expected {len(self.inputs)} input(s) ({names}), got {len(inputs)}")
+        arrays, as_torch = [], False
+        symbols: dict[str, int] = {}
+        for spec, x in zip(self.inputs, inputs):
+            if hasattr(x, "detach") and hasattr(x, "numpy"):  # a torch tensor
+                as_torch = True
+                x = x.detach().cpu().contiguous().numpy()
+            if not isinstance(x, np.ndarray):
+                raise InputError(f"input {spec.name!r}: expected a torch.Tensor or numpy array, "
+                                 f"got {type(x).__name__}")
+            check_shape(spec, tuple(x.shape), str(x.dtype))
+            for want, got in zip(spec.shape, x.shape):
+                if isinstance(want, str):
+                    if symbols.setdefault(want, got) != got:
+                        raise InputError(f"input {spec.name!r}: dimension {want} is {got} here but "
+                                         f"{symbols[want]} in another input")
+            arrays.append(np.ascontiguousarray(x))
+        return arrays, as_torch
+
+    # ------------------------------------------------------------------ saving
+    def save(self, path: str, fcompile: Any = None) -> str:
+        """Write the artifact folder atomically; returns its path."""
+        path = os.path.abspath(path)
+        parent = os.path.dirname(path) or "."
+        try:
+            os.makedirs(parent, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+        except OSError as e:
+            raise ArtifactError(f"cannot write artifact to {path}: {e.strerror or e}") from e
+        try:
+            lib = os.path.join(tmp, LIBRARY)
+            if fcompile is None and self.manifest["target"].get("cross_triple"):
+                from graphopt.targets.toolchain import cross_compiler_fcompile
+
+                fcompile = cross_compiler_fcompile(self.manifest["target"]["cross_triple"])
+            if fcompile is not None:
+                self.executable.export_library(lib, fcompile=fcompile)
+            else:
+                self.executable.export_library(lib)
+            manifest = dict(self.manifest, library=LIBRARY, sha256=sha256_file(lib))
+            with open(os.path.join(tmp, MANIFEST), "w") as f:
+                json.dump(manifest, f, indent=2, sort_keys=True)
+                f.write("\n")
+            _replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.manifest = manifest
+        self.path = path
+        return path
+
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{s.name}: {s.dtype}{list(s.shape)}" for s in self.inputs)
+        return f"<CompiledModule {self.manifest.get('name', '')} target={self.target_name} ({ins})>"
+
+
+def _replace_dir(src: str, dst: str) -> None:
+    """Move folder ``src`` to ``dst``, replacing an existing artifact with one rename each way."""
+    if os.path.exists(dst):
+        if os.path.isdir(dst) and not os.path.exists(os.path.join(dst, MANIFEST)) and os.listdir(dst):
+            raise ArtifactError(f"{dst} exists and is not a graphopt artifact; refusing to replace it")
+        old = dst + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isdir(path):
+        raise ArtifactError(f"artifact {path}: no such folder")
+    try:
+        with open(mpath) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise ArtifactError(f"artifact {path}: {MANIFEST} is missing (not a graphopt artifact?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"artifact {path}: {MANIFEST} is corrupt ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"artifact {path}: {MANIFEST} is not a graphopt manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"artifact {path}: format version {manifest.get('format_version')} is not supported "
+                            f"by this graphopt (reads version {FORMAT_VERSION}); rebuild it")
+    for key in ("library", "sha256", "inputs", "outputs", "target", "tvm_version"):
+        if key not in manifest:
+            raise ArtifactError(f"artifact {path}: manifest has no {key!r}")
+    return manifest
+
+
+def load(path: str) -> CompiledModule:
+    """Load an artifact folder written by ``CompiledModule.save`` (no model code needed)."""
+    import tvm
+
+    path = os.path.abspath(path)
+    manifest = read_manifest(path)
+    lib = os.path.join(path, manifest["library"])
+    if not os.path.isfile(lib):
+        raise ArtifactError(f"artifact {path}: library {manifest['library']} is missing")
+    if sha256_file(lib) != manifest["sha256"]:
+        raise ArtifactError(f"artifact {path}: SHA-256 of {manifest['library']} does not match the manifest "
+                            "(the file was changed or truncated)")
+    built, here = manifest["tvm_version"], tvm.__version__
+    if built.split(".")[:2] != here.split(".")[:2]:
+        raise ArtifactError(f"artifact {path} was built with TVM {built}; this runtime is TVM {here}")
+    target = manifest["target"]
+    kind = target["tvm"]["kind"]
+    triple = target["tvm"].get("mtriple", "") if kind == "llvm" else (target.get("host") or {}).get("mtriple", "")
+    machine = platform.machine()
+    if triple and not triple.startswith(machine):
+        raise ArtifactError(f"artifact {path} was built for {target['name']} ({triple}); this machine is "
+                            f"{machine}: copy it to the device (or run it under emulation)")
+    if kind == "cuda" and not tvm.cuda(0).exist:
+        raise ArtifactError(f"artifact {path} was built for {target['name']} (CUDA) and this machine has no GPU")
+    try:
+        module = tvm.runtime.load_module(lib)
+    except Exception as e:  # TVM reports dlopen failures as its own error type
+        raise ArtifactError(f"artifact {path}: cannot load {manifest['library']}: "
+                            f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}") from e
+    return CompiledModule(module, manifest, path=path)

@@ -1,0 +1,168 @@
+"""Capture a ``torch.nn.Module`` as a :class:`~graphopt.graph.Graph` with ``torch.export``.
+
+``torch.export`` gives a sound, whole-graph capture with shapes and dtypes on every node.
+We then (1) run ``run_decompositions({})``, which functionalizes (``relu_`` becomes
+``relu``, dropout in eval becomes ``clone``) but keeps composite ops like ``conv2d`` and
+``linear`` whole, and (2) *unlift* parameters: export passes them as placeholders; we turn
+them into ``get_attr`` constants of our own module so passes can fold, prune and rewrite
+them without keeping an export signature in sync.
+
+Capture failures are re-raised as :class:`CaptureError` naming the cause and, when the
+traceback reaches the model's own source, the file and line that caused it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import traceback
+import warnings
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch.export.graph_signature import InputKind
+
+from graphopt.errors import CaptureError
+from graphopt.graph import Graph
+
+
+def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Any = None,
+            name: str | None = None) -> Graph:
+    """Capture ``model`` (in eval mode) called on ``example_inputs`` as a Graph.
+
+    ``example_inputs`` is a tensor or a tuple of tensors. ``dynamic_shapes`` follows
+    ``torch.export`` (e.g. ``{"x": {0: torch.export.Dim("batch", min=1, max=64)}}``), or
+    the shorthand ``"batch"`` to make dimension 0 of every input symbolic.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    args = normalize_inputs(example_inputs)
+    if dynamic_shapes == "batch":
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        dynamic_shapes = tuple({0: batch} for _ in args)
+    name = name or type(model).__name__
+
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)
+            ep = ep.run_decompositions({})
+    except Exception as e:  # torch raises many unrelated types; we report one
+        raise CaptureError(_describe_failure(model, e)) from e
+    finally:
+        model.train(was_training)
+
+    gm, fake_mode = _unlift(ep)
+    graph = Graph(gm, tuple(a.detach() for a in args), name=name, fake_mode=fake_mode)
+    graph.refresh_meta()
+    graph.check()
+    return graph
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)) and example_inputs:
+        for i, x in enumerate(example_inputs):
+            if not isinstance(x, torch.Tensor):
+                raise CaptureError(f"example input {i} is a {type(x).__name__}; graphopt captures "
+                                   "models whose inputs are tensors")
+        return tuple(example_inputs)
+    raise CaptureError("example_inputs must be a tensor or a non-empty tuple of tensors, "
+                       f"got {type(example_inputs).__name__}")
+
+
+def _unlift(ep: torch.export.ExportedProgram) -> tuple[fx.GraphModule, Any]:
+    """Copy the exported graph, turning parameter/buffer/constant placeholders into get_attr."""
+    root = torch.nn.Module()
+    state = ep.state_dict
+    constants = ep.constants
+    lifted: dict[str, tuple[str, torch.Tensor, bool]] = {}
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            continue
+        if spec.kind == InputKind.PARAMETER:
+            tensor, is_param = state[spec.target], True
+        elif spec.kind == InputKind.BUFFER:
+            tensor = state[spec.target] if spec.target in state else constants[spec.target]
+            is_param = False
+        elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
+            tensor, is_param = constants[spec.target], False
+        else:
+            raise CaptureError(f"unsupported export input kind {spec.kind} for {spec.target}")
+        lifted[spec.arg.name] = (spec.target, tensor, is_param)
+
+    new_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    fake_mode = None
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in lifted:
+            target, tensor, is_param = lifted[node.name]
+            attr = ("p_" if is_param else "b_") + target.replace(".", "_")
+            if is_param:
+                root.register_parameter(attr, torch.nn.Parameter(tensor.detach().clone(), requires_grad=False))
+            else:
+                root.register_buffer(attr, tensor.detach().clone())
+            new = new_graph.get_attr(attr)
+            new.meta["source"] = target  # the model's own name for it, e.g. "layer1.0.conv1.weight"
+        else:
+            new = new_graph.node_copy(node, lambda n: env[n])
+            if node.op == "placeholder" and fake_mode is None:
+                fake_mode = getattr(node.meta.get("val"), "fake_mode", None)
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+        env[node] = new
+    # Buffers the graph never reads (e.g. BN's num_batches_tracked) become unused get_attrs.
+    for node in list(new_graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            new_graph.erase_node(node)
+    # GraphModule copies only the attributes some get_attr node reaches.
+    return fx.GraphModule(root, new_graph), fake_mode
+
+
+def _describe_failure(model: torch.nn.Module, e: BaseException) -> str:
+    """One readable sentence: what torch said, and where in the user's code it happened."""
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    kind = _classify(str(e))
+    where = _user_frame(model, e)
+    msg = f"cannot capture {type(model).__name__}: {kind}{first}"
+    if where:
+        msg += f"\n  at {where}"
+    return msg
+
+
+def _classify(text: str) -> str:
+    lowered = text.lower()
+    if "data-dependent" in lowered or "data dependent" in lowered or "guardondatadependent" in lowered:
+        return "data-dependent control flow or shape; "
+    if "unsupported" in lowered and "operator" in lowered:
+        return "unsupported operator; "
+    return ""
+
+
+def _user_frame(model: torch.nn.Module, e: BaseException) -> str | None:
+    """The deepest traceback frame inside the model's source file (file:line `code`)."""
+    try:
+        src = os.path.abspath(inspect.getsourcefile(type(model)) or "")
+    except (TypeError, OSError):  # classes defined in a REPL or `python -c` have no file
+        src = ""
+    frames: list[traceback.FrameSummary] = []
+    exc: BaseException | None = e
+    while exc is not None:
+        frames.extend(traceback.extract_tb(exc.__traceback__))
+        exc = exc.__cause__ or exc.__context__
+    torch_dir = os.path.dirname(torch.__file__)
+    mine = [f for f in frames if src and os.path.abspath(f.filename) == src]
+    if not mine:  # fall back to the deepest frame outside torch and graphopt
+        mine = [f for f in frames if not f.filename.startswith(torch_dir)
+                and "graphopt" not in f.filename and "site-packages" not in f.filename]
+    if not mine:
+        return None
+    f = mine[-1]
+    return f"{f.filename}:{f.lineno} (`{(f.line or '').strip()}`)"
+
+
+def user_inputs_of(graph: Graph) -> Sequence[fx.Node]:
+    return graph.input_nodes

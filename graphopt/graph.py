@@ -1,0 +1,293 @@
+"""The graph: graphopt's single source of truth.
+
+A :class:`Graph` owns a ``torch.fx.GraphModule`` at the functional ATen level that
+``torch.export`` produces (``run_decompositions({})``: no in-place ops, but ``conv2d``,
+``linear``, ``layer_norm`` and ``scaled_dot_product_attention`` kept whole, so passes can
+match them). Parameters, buffers and folded constants are attributes of that module,
+reached through ``get_attr`` nodes: placeholders are the *user* inputs only.
+
+Invariants (checked by :meth:`Graph.check`, run after every pass by the pass manager):
+
+* every placeholder and ``call_function`` node carries ``meta["val"]``: a FakeTensor with
+  its shape (possibly symbolic in the batch dimension) and dtype;
+* every ``get_attr`` node names a tensor owned by the module, and every owned tensor is
+  used (unused ones are dropped by :meth:`Graph.prune_unused_constants`);
+* no node without users except the output;
+* fusion decisions live in ``node.meta["fusion_group"]`` (an int) — see passes/fuse.py.
+
+The graph runs as PyTorch (``graph(*inputs)``): that is the numerical reference every
+pass and every backend is checked against.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from graphopt.errors import GraphInvariantError, InputError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of a graph input or output; symbolic dims are strings."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TensorSpec":
+        return cls(d["name"], tuple(d["shape"]), d["dtype"])
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dim(d: Any) -> int | str:
+    return int(d) if not isinstance(d, torch.SymInt) else str(d)
+
+
+def spec_of(name: str, val: torch.Tensor) -> TensorSpec:
+    return TensorSpec(name, tuple(_dim(d) for d in val.shape), dtype_name(val.dtype))
+
+
+class Graph:
+    """An ATen-level fx graph plus the tensors it owns. See the module docstring."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...],
+                 name: str = "model", fake_mode: FakeTensorMode | None = None):
+        self.gm = gm
+        self.example_inputs = tuple(example_inputs)
+        self.name = name
+        self.fake_mode = fake_mode or FakeTensorMode(allow_non_fake_inputs=True)
+        # Pipeline text of the passes that produced this graph (appended by the pass manager).
+        self.history: list[str] = []
+        # Free-form per-graph records that passes leave for later stages (calibration ranges, ...).
+        self.annotations: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- access
+    @property
+    def fx_graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    @property
+    def nodes(self) -> Iterable[fx.Node]:
+        return self.gm.graph.nodes
+
+    def call_nodes(self) -> Iterator[fx.Node]:
+        return (n for n in self.gm.graph.nodes if n.op == "call_function")
+
+    @property
+    def input_nodes(self) -> list[fx.Node]:
+        return [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+
+    @property
+    def output_node(self) -> fx.Node:
+        return next(n for n in reversed(self.gm.graph.nodes) if n.op == "output")
+
+    def output_values(self) -> list[fx.Node]:
+        out = self.output_node.args[0]
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+    @property
+    def input_specs(self) -> list[TensorSpec]:
+        return [spec_of(str(n.target), n.meta["val"]) for n in self.input_nodes]
+
+    @property
+    def output_specs(self) -> list[TensorSpec]:
+        return [spec_of(f"output{i}", n.meta["val"]) for i, n in enumerate(self.output_values())]
+
+    def constant(self, node: fx.Node) -> torch.Tensor:
+        """The tensor behind a ``get_attr`` node."""
+        return getattr(self.gm, node.target)
+
+    def is_constant(self, node: Any) -> bool:
+        return isinstance(node, fx.Node) and node.op == "get_attr"
+
+    def constants(self) -> dict[str, torch.Tensor]:
+        return {n.target: self.constant(n) for n in self.nodes if n.op == "get_attr"}
+
+    # -------------------------------------------------------------- mutation
+    def add_constant(self, tensor: torch.Tensor, name_hint: str, before: fx.Node | None = None) -> fx.Node:
+        """Register ``tensor`` on the module and return a ``get_attr`` node for it."""
+        base = re.sub(r"[^0-9a-zA-Z_]", "_", name_hint) or "const"
+        name, i = base, 0
+        while hasattr(self.gm, name):
+            i += 1
+            name = f"{base}_{i}"
+        self.gm.register_buffer(name, tensor.detach().clone().contiguous())
+        anchor = before if before is not None else self._first_non_placeholder()
+        with self.fx_graph.inserting_before(anchor):
+            node = self.fx_graph.get_attr(name)
+        node.meta["val"] = self.fake_mode.from_tensor(getattr(self.gm, name), static_shapes=True)
+        return node
+
+    def set_constant(self, node: fx.Node, tensor: torch.Tensor) -> None:
+        """Replace the tensor behind a get_attr node (e.g. after BN folding or pruning)."""
+        old = getattr(self.gm, node.target)
+        new = tensor.detach().clone().contiguous()
+        if isinstance(old, torch.nn.Parameter):
+            new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+            delattr(self.gm, node.target)
+            self.gm.register_parameter(node.target, new)
+        else:
+            delattr(self.gm, node.target)
+            self.gm.register_buffer(node.target, new)
+        node.meta["val"] = self.fake_mode.from_tensor(new, static_shapes=True)
+
+    def _first_non_placeholder(self) -> fx.Node:
+        return next(n for n in self.nodes if n.op != "placeholder")
+
+    def prune_unused_constants(self) -> int:
+        """Drop get_attr nodes without users and the tensors no node reaches."""
+        removed = 0
+        for node in list(self.nodes):
+            if node.op == "get_attr" and not node.users:
+                self.fx_graph.erase_node(node)
+                removed += 1
+        used = {n.target for n in self.nodes if n.op == "get_attr"}
+        for name in [k for k, _ in self.gm.named_parameters(recurse=False)] + \
+                [k for k, _ in self.gm.named_buffers(recurse=False)]:
+            if name not in used:
+                delattr(self.gm, name)
+        return removed
+
+    def recompile(self) -> None:
+        """Regenerate code and shape/dtype meta after a structural change."""
+        self.fx_graph.lint()
+        self.gm.recompile()
+        self.refresh_meta()
+
+    def refresh_meta(self) -> None:
+        """Recompute ``meta["val"]`` of every node with torch's own fake-tensor propagation."""
+        fake_inputs = [n.meta["val"] for n in self.input_nodes]
+        mode = self.fake_mode
+        # get_attr tensors are real; let the mode wrap them on the fly.
+        prev, mode.allow_non_fake_inputs = mode.allow_non_fake_inputs, True
+        try:
+            FakeTensorProp(self.gm, mode).propagate_dont_convert_inputs(*fake_inputs)
+        finally:
+            mode.allow_non_fake_inputs = prev
+        for n in self.nodes:
+            if n.op == "get_attr" and not isinstance(n.meta.get("val"), FakeTensor):
+                n.meta["val"] = mode.from_tensor(self.constant(n), static_shapes=True)
+
+    def check(self) -> None:
+        """Assert the invariants in the module docstring; raise GraphInvariantError."""
+        try:
+            self.fx_graph.lint()
+        except Exception as e:  # fx's lint raises a bare RuntimeError
+            raise GraphInvariantError(f"graph {self.name!r} is malformed: {e}") from e
+        for n in self.nodes:
+            if n.op in ("placeholder", "call_function", "get_attr") and "val" not in n.meta:
+                raise GraphInvariantError(f"node {n.name!r} ({n.op}) has no shape/dtype meta")
+            if n.op == "get_attr" and not hasattr(self.gm, n.target):
+                raise GraphInvariantError(f"get_attr node {n.name!r} names missing tensor {n.target!r}")
+            if n.op == "call_function" and not n.users:
+                raise GraphInvariantError(f"node {n.name!r} has no users (dead code left behind)")
+            if n.op == "call_module":
+                raise GraphInvariantError(f"node {n.name!r} calls a submodule; graphs are flat")
+
+    # --------------------------------------------------------------- running
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.validate_inputs(inputs)
+        with torch.no_grad():
+            out = self.gm(*inputs)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    def validate_inputs(self, inputs: tuple[Any, ...]) -> None:
+        specs = self.input_specs
+        if len(inputs) != len(specs):
+            raise InputError(f"{self.name}: expected {len(specs)} input(s) "
+                             f"({', '.join(s.name for s in specs)}), got {len(inputs)}")
+        for spec, x in zip(specs, inputs):
+            if not isinstance(x, torch.Tensor):
+                raise InputError(f"input {spec.name!r}: expected a torch.Tensor, got {type(x).__name__}")
+            check_shape(spec, tuple(x.shape), dtype_name(x.dtype))
+
+    def module(self) -> torch.nn.Module:
+        """A runnable ``torch.nn.Module`` (a copy: changing it does not change the graph)."""
+        return copy.deepcopy(self.gm)
+
+    def copy(self) -> "Graph":
+        gm = copy.deepcopy(self.gm)
+        g = Graph(gm, self.example_inputs, self.name, self.fake_mode)
+        g.history = list(self.history)
+        g.annotations = copy.deepcopy(self.annotations)
+        return g
+
+    # -------------------------------------------------------------- analysis
+    def summary(self) -> "GraphSummary":
+        from graphopt.summary import summarize
+
+        return summarize(self)
+
+    def to_networkx(self):
+        from graphopt.visualize import to_networkx
+
+        return to_networkx(self)
+
+    def draw(self, path: str) -> str:
+        """Write a picture of the graph: ``.dot`` (Graphviz text), ``.svg`` or ``.png``."""
+        from graphopt.visualize import draw
+
+        return draw(self, path)
+
+    def __str__(self) -> str:
+        from graphopt.printer import print_graph
+
+        return print_graph(self)
+
+
+def check_shape(spec: TensorSpec, shape: tuple[int, ...], dtype: str) -> None:
+    """Raise InputError when a concrete shape/dtype does not fit a (maybe symbolic) spec."""
+    if dtype != spec.dtype:
+        raise InputError(f"input {spec.name!r}: expected dtype {spec.dtype}, got {dtype}")
+    if len(shape) != len(spec.shape):
+        raise InputError(f"input {spec.name!r}: expected rank {len(spec.shape)} "
+                         f"(shape {tuple(spec.shape)}), got rank {len(shape)} (shape {shape})")
+    for axis, (want, got) in enumerate(zip(spec.shape, shape)):
+        if isinstance(want, int) and want != got:
+            raise InputError(f"input {spec.name!r}: expected shape {tuple(spec.shape)}, got {shape} "
+                             f"(dimension {axis} must be {want})")
+
+
+@dataclass
+class NodeCost:
+    name: str
+    op: str
+    shape: tuple
+    flops: int
+    macs: int
+    out_bytes: int
+    fusion_group: int | None = None
+
+
+@dataclass
+class GraphSummary:
+    """Op counts, parameters and FLOPs of a graph; prints as a table."""
+
+    name: str
+    op_counts: dict[str, int]
+    params: int
+    bytes: int
+    flops: int
+    macs: int
+    nodes: list[NodeCost] = field(default_factory=list)
+    fusion_groups: dict[int, list[str]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        from graphopt.summary import format_summary
+
+        return format_summary(self)

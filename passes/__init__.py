@@ -1,0 +1,3 @@
+"""Built-in passes. Importing this package registers them (see graphopt.passes_base)."""
+
+from graphopt.passes import cse, dce, fold, fold_batchnorm, fold_constants, noop  # noqa: F401

@@ -1,0 +1,1 @@
+"""Backends: TVM lowering, target registry, builds, tuning and cross-compilation."""

@@ -1,0 +1,172 @@
+"""Named targets: presets users type (``x86``, ``arm64``, ``cuda:sm_80``...) -> TVM targets.
+
+TVM 0.27 only accepts targets as dicts (the flag-string form is gone), so every preset is
+a dict. ``x86`` describes *this* host: its CPU features are read from /proc/cpuinfo
+because LLVM's own detection names this VM's CPU ``rocketlake`` and would drop AVX-512
+VNNI/AMX. A custom TVM target dict is accepted as is.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from graphopt.errors import TargetError
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """A resolved target: what TVM needs, and what graphopt needs to know about it."""
+
+    name: str
+    tvm: dict[str, Any]
+    host: dict[str, Any] | None = None  # the CPU side for GPU targets
+    description: str = ""
+    features: tuple[str, ...] = ()
+    cross_triple: str | None = None  # set when the library must be cross-compiled
+
+    @property
+    def kind(self) -> str:
+        return self.tvm["kind"]
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.kind == "llvm"
+
+    @property
+    def arch(self) -> str:
+        """x86_64, aarch64 or cuda."""
+        if self.kind == "cuda":
+            return "cuda"
+        triple = self.tvm.get("mtriple", "")
+        return "aarch64" if triple.startswith("aarch64") else "x86_64"
+
+    def tvm_target(self):
+        import tvm
+
+        if self.host is not None:
+            return tvm.target.Target(self.tvm, host=self.host)
+        return tvm.target.Target(self.tvm)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "tvm": self.tvm, "host": self.host, "features": list(self.features),
+                "cross_triple": self.cross_triple}
+
+
+def host_cpu_features() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _x86_host() -> TargetSpec:
+    flags = host_cpu_features()
+    if "amx_int8" in flags or "avx512_bf16" in flags:
+        mcpu = "sapphirerapids"
+    elif "avx512_vnni" in flags:
+        mcpu = "cascadelake"
+    elif "avx512f" in flags:
+        mcpu = "skylake-avx512"
+    elif "avx2" in flags:
+        mcpu = "haswell"
+    else:
+        mcpu = "x86-64"
+    feats = tuple(sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni",
+                                                  "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16")))
+    return TargetSpec("x86", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu, "num-cores": _cores()},
+                      description=f"this host ({mcpu}, {_cores()} cores)", features=feats)
+
+
+def _aarch64(name: str, mcpu: str, mattr: list[str], desc: str, cores: int = 4) -> TargetSpec:
+    tvm = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu, "mattr": mattr, "num-cores": cores}
+    feats = tuple(a.lstrip("+") for a in mattr)
+    return TargetSpec(name, tvm, description=desc, features=feats, cross_triple="aarch64-linux-gnu")
+
+
+def _cuda(name: str, arch: str, desc: str, host: dict[str, Any] | None = None) -> TargetSpec:
+    host = host or {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
+    return TargetSpec(name, {"kind": "cuda", "arch": arch}, host=host, description=desc, features=(arch,),
+                      cross_triple=host.get("mtriple") if "aarch64" in host.get("mtriple", "") else None)
+
+
+def _presets() -> dict[str, TargetSpec]:
+    x86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "num-cores": _cores()}
+    presets = {
+        "x86": _x86_host(),
+        "x86-avx2": TargetSpec("x86-avx2", {**x86, "mcpu": "haswell"},
+                               description="any x86-64 with AVX2+FMA (Haswell and newer)", features=("avx2", "fma")),
+        "x86-avx512": TargetSpec("x86-avx512", {**x86, "mcpu": "cascadelake"},
+                                 description="x86-64 with AVX-512 and VNNI (Cascade Lake and newer)",
+                                 features=("avx512f", "avx512_vnni")),
+        "arm64": _aarch64("arm64", "generic", ["+neon"], "generic aarch64 with NEON"),
+        "arm64-dotprod": _aarch64("arm64-dotprod", "cortex-a76", ["+neon", "+dotprod"],
+                                  "aarch64 with the dot-product extension (Cortex-A76/A78, Neoverse N1)"),
+        "rpi4": _aarch64("rpi4", "cortex-a72", ["+neon"], "Raspberry Pi 4 (Cortex-A72, 4 cores)"),
+        "rpi5": _aarch64("rpi5", "cortex-a76", ["+neon", "+dotprod"], "Raspberry Pi 5 (Cortex-A76, 4 cores)"),
+        "cuda": _cuda("cuda", "sm_80", "NVIDIA GPU, compute capability 8.0 (A100); cuda:sm_XX for others"),
+        "jetson-orin": _cuda("jetson-orin", "sm_87", "NVIDIA Jetson Orin (sm_87) with an aarch64 host",
+                             host={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78",
+                                   "mattr": ["+neon", "+dotprod"]}),
+    }
+    return presets
+
+
+_CUDA_ARCH = re.compile(r"^cuda:(sm_\d{2,3}[a-z]?)$")
+
+
+def list_targets() -> dict[str, TargetSpec]:
+    return _presets()
+
+
+def resolve_target(target: "str | dict[str, Any] | TargetSpec") -> TargetSpec:
+    """Turn a preset name, ``cuda:sm_XX``, a TVM target dict or a TargetSpec into a TargetSpec."""
+    if isinstance(target, TargetSpec):
+        return target
+    if isinstance(target, dict):
+        return _from_dict(target)
+    if not isinstance(target, str):
+        raise TargetError(f"a target is a name like 'x86' or a TVM target dict, got {type(target).__name__}")
+    presets = _presets()
+    if target in presets:
+        return presets[target]
+    m = _CUDA_ARCH.match(target)
+    if m:
+        return _cuda(target, m.group(1), f"NVIDIA GPU {m.group(1)}")
+    raise TargetError(f"unknown target {target!r}; valid targets: {', '.join(presets)}, cuda:sm_XX "
+                      "(e.g. cuda:sm_86), or a TVM target dict such as {'kind': 'llvm', 'mcpu': 'znver4'}")
+
+
+def _from_dict(d: dict[str, Any]) -> TargetSpec:
+    import tvm
+
+    d = dict(d)
+    host = d.pop("host", None)
+    if "kind" not in d:
+        raise TargetError(f"target dict {d} has no 'kind' (e.g. 'llvm' or 'cuda')")
+    if d["kind"] not in ("llvm", "cuda"):
+        raise TargetError(f"target kind {d['kind']!r} is not supported; graphopt builds for 'llvm' (CPUs) and 'cuda'")
+    try:
+        tvm.target.Target(d, host=host) if host else tvm.target.Target(d)
+    except Exception as e:  # TVM raises its own error types for bad attributes
+        raise TargetError(f"invalid TVM target {d}: {str(e).splitlines()[-1] if str(e) else e}") from None
+    if d["kind"] == "llvm":
+        d.setdefault("num-cores", _cores())
+        triple = d.get("mtriple", "")
+        cross = triple if triple and not triple.startswith(platform.machine()) else None
+        return TargetSpec("custom", d, description="custom TVM target", cross_triple=cross)
+    return TargetSpec("custom", d, host=host or {"kind": "llvm"}, description="custom TVM target")

@@ -1,0 +1,279 @@
+"""Shared helpers for graphopt's CPU schedule rules.
+
+Every rule in this package follows TVM's dlight ``ScheduleRule`` shape:
+``apply(func, target, tunable) -> Schedule | None``.  The helpers here answer the
+questions every rule asks:
+
+* how wide is a SIMD register on this target (``simd_lanes``) and how many cores does
+  it have (``num_cores``) -- both read from the target, never from the host, so that a
+  cross build for aarch64 gets NEON-sized tiles;
+* what is the structure of the PrimFunc (``analyze``): the one "main" block a rule
+  schedules (a reduction for conv/matmul/pool, the last block for injective funcs),
+  the producers before it (padding) and the fused epilogue after it;
+* how to fold a fused epilogue into the main block's output tile (``fuse_epilogue``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from tvm import ir, s_tir, tirx
+from tvm.s_tir.dlight import ScheduleRule
+from tvm.target import Target
+
+# mcpu names whose widest fp32 vector is 512 bits.  Kept as a list (not a host probe)
+# so that the width is a property of the *target*: a build for another machine must
+# not pick up this host's AVX-512.
+_AVX512_CPUS = (
+    "skylake-avx512", "cascadelake", "cooperlake", "cannonlake", "icelake-client",
+    "icelake-server", "tigerlake", "sapphirerapids", "emeraldrapids", "graniterapids",
+    "graniterapids-d", "rocketlake", "znver4", "znver5", "x86-64-v4", "knl", "knm",
+    "diamondrapids",
+)
+_AVX2_CPUS = (
+    "haswell", "broadwell", "skylake", "alderlake", "raptorlake", "meteorlake",
+    "arrowlake", "lunarlake", "gracemont", "znver1", "znver2", "znver3", "x86-64-v3",
+    "bdver4",
+)
+SCHEDULED_ATTRS = ("tirx.is_scheduled", "tir.is_scheduled")
+
+
+def _mattr(target: Target) -> list[str]:
+    mattr = target.attrs.get("mattr")
+    return [str(m) for m in mattr] if mattr is not None else []
+
+
+def is_arm(target: Target) -> bool:
+    triple = str(target.attrs.get("mtriple") or "")
+    return triple.startswith(("aarch64", "arm")) or any("neon" in m for m in _mattr(target))
+
+
+def simd_lanes(target: Target, dtype_bits: int = 32) -> int:
+    """Number of ``dtype_bits``-wide lanes of the target's widest vector register."""
+    bits = 128  # SSE2 / NEON baseline
+    if not is_arm(target):
+        mcpu = str(target.attrs.get("mcpu") or "")
+        mattr = _mattr(target)
+        if mcpu in _AVX512_CPUS or "+avx512f" in mattr:
+            bits = 512
+        elif mcpu in _AVX2_CPUS or "+avx2" in mattr:
+            bits = 256
+    return max(bits // dtype_bits, 1)
+
+
+def num_vector_registers(target: Target) -> int:
+    """Architectural vector registers: 32 on AVX-512 and AArch64, 16 on AVX2/SSE."""
+    if is_arm(target) or simd_lanes(target) >= 16:
+        return 32
+    return 16
+
+
+def num_cores(target: Target) -> int:
+    cores = target.attrs.get("num-cores")
+    if cores is not None and int(cores) > 0:
+        return int(cores)
+    return int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
+
+
+def is_scheduled(func: tirx.PrimFunc) -> bool:
+    attrs = func.attrs
+    if attrs is None:
+        return False
+    return any(k in attrs and bool(attrs[k]) for k in SCHEDULED_ATTRS)
+
+
+class CPURule(ScheduleRule):
+    """A dlight ScheduleRule that only fires for LLVM (CPU) targets."""
+
+    def is_target_available(self, target: Target) -> bool:
+        return target.kind.name == "llvm"
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def const_int(expr) -> int | None:
+    return int(expr.value) if isinstance(expr, tirx.IntImm) else None
+
+
+def loop_extent(sch: s_tir.Schedule, loop) -> int | None:
+    return const_int(sch.get(loop).extent)
+
+
+def iter_kinds(block: tirx.SBlock) -> str:
+    """'S' for a data-parallel block iter, 'R' for a reduction one, 'O' otherwise."""
+    kinds = {tirx.IterVar.DataPar: "S", tirx.IterVar.CommReduce: "R"}
+    return "".join(kinds.get(int(iv.iter_type), "O") for iv in block.iter_vars)
+
+
+@dataclass
+class FuncInfo:
+    """A PrimFunc as ``pre`` blocks -> ``main`` block -> ``post`` blocks (all root children)."""
+
+    sch: s_tir.Schedule
+    blocks: list = field(default_factory=list)
+    main: object = None
+    pre: list = field(default_factory=list)
+    post: list = field(default_factory=list)
+
+    def stmt(self, rv) -> tirx.SBlock:
+        return self.sch.get(rv)
+
+
+def analyze(func: tirx.PrimFunc) -> FuncInfo | None:
+    """Split the root's child blocks around the single reduction block.
+
+    Returns None for shapes the structured rules do not handle (blocks nested below the
+    root, dynamic extents, several reductions); the fallback rule takes those.
+    """
+    try:
+        sch = s_tir.Schedule(func)
+        root = sch.get_sblock("root")
+        blocks = list(sch.get_child_blocks(root))
+    except Exception:  # noqa: BLE001 - unusual funcs (no root block) go to the fallback
+        return None
+    info = FuncInfo(sch=sch, blocks=blocks)
+    reductions = [i for i, b in enumerate(blocks) if "R" in iter_kinds(sch.get(b))]
+    for b in blocks:
+        blk = sch.get(b)
+        if "O" in iter_kinds(blk) or any(const_int(iv.dom.extent) is None for iv in blk.iter_vars):
+            return None
+        # Every block must sit alone in its perfect loop nest, one loop per iter.
+        if len(sch.get_loops(b)) != len(blk.iter_vars):
+            return None
+    if len(reductions) == 1:
+        idx = reductions[0]
+        info.main = blocks[idx]
+        info.pre, info.post = blocks[:idx], blocks[idx + 1 :]
+    elif not reductions:
+        info.main = blocks[-1] if blocks else None
+        info.pre = blocks[:-1]
+    else:
+        info.main = None
+    return info
+
+
+# TVM 0.27 represents buffer reads as ``ir.TensorLoad`` (``.source`` is the buffer var);
+# ``tirx.BufferLoad`` is only a constructor function, not a class.
+Load = ir.expr.TensorLoad
+
+
+def load_buffer(load):
+    return load.source
+
+
+def same_buffer(a, b) -> bool:
+    return a.same_as(b)
+
+
+def mac_operands(block: tirx.SBlock):
+    """For ``C[...] = C[...] + A[...] * B[...]`` return (C_store, A_load, B_load), else None.
+
+    Allows a cast around the product (mixed-precision accumulation)."""
+    body = block.body
+    if not isinstance(body, tirx.BufferStore) or not isinstance(body.value, tirx.Add):
+        return None
+    lhs, rhs = body.value.a, body.value.b
+    if not (isinstance(lhs, Load) and same_buffer(lhs.source, body.buffer)):
+        return None
+    if isinstance(rhs, tirx.Cast):
+        rhs = rhs.value
+    if not isinstance(rhs, tirx.Mul):
+        return None
+    a, b = rhs.a, rhs.b
+    if isinstance(a, tirx.Cast):
+        a = a.value
+    if isinstance(b, tirx.Cast):
+        b = b.value
+    if not (isinstance(a, Load) and isinstance(b, Load)):
+        return None
+    return body, a, b
+
+
+# --------------------------------------------------------------------------- scheduling
+
+
+def largest_divisor(n: int, limit: int, multiple_of: int = 1) -> int:
+    """Largest d <= limit with n % d == 0 and d % multiple_of == 0 (0 when none)."""
+    for d in range(min(n, limit), 0, -1):
+        if n % d == 0 and d % multiple_of == 0:
+            return d
+    return 0
+
+
+def output_blocks(sch: s_tir.Schedule) -> set:
+    root = sch.get_sblock("root")
+    return {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
+
+
+def inline_post(sch: s_tir.Schedule, post: list) -> list:
+    """compute_inline every epilogue block that does not write a function output.
+
+    What remains are the blocks that write outputs (normally one: the epilogue's last
+    op).  Returns the remaining block RVs in order."""
+    outs = output_blocks(sch)
+    remaining = []
+    for b in post:
+        if sch.get(b).name_hint not in outs:
+            try:
+                sch.compute_inline(b)
+                continue
+            except Exception:  # noqa: BLE001 - e.g. a reduction-like epilogue; keep it
+                pass
+        remaining.append(b)
+    return remaining
+
+
+def fuse_epilogue(sch: s_tir.Schedule, writeback, post: list) -> list:
+    """Fold the (already compute-inlined) epilogue into ``writeback``.
+
+    ``writeback`` is the cache_write copy block of the main block's accumulator; each
+    epilogue block that consumes it elementwise is reverse_compute_inlined so that bias,
+    relu, residual add ... are applied while the tile is still in registers/L1 and the
+    epilogue does not need its own pass over memory.  Returns the blocks that could not
+    be folded (the caller places them with reverse_compute_at)."""
+    left = []
+    for b in post:
+        try:
+            sch.reverse_compute_inline(b)
+        except Exception:  # noqa: BLE001
+            left.append(b)
+    return left
+
+
+def parallel_vectorize_injective(sch: s_tir.Schedule, block, lanes: int, cores: int,
+                                 min_parallel_work: int = 4096) -> None:
+    """Parallelize the outer loops and vectorize the innermost of one spatial block.
+
+    Used for padding copies, epilogues that could not be fused, and by the fallback rule.
+    Tiny blocks stay serial: waking the thread pool costs more than it saves."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    extents = [loop_extent(sch, lp) or 1 for lp in loops]
+    total = 1
+    for e in extents:
+        total *= e
+    inner = loops[-1]
+    inner_ext = extents[-1]
+    outer_loops = loops[:-1]
+    # Vectorize the innermost loop: whole loop if short, else a `lanes`-wide (or a
+    # small multiple) divisor so no tail predicate blocks vectorization.
+    if inner_ext > 1:
+        vec = largest_divisor(inner_ext, 4 * lanes, 1)
+        if vec >= 4 or vec == inner_ext:
+            if vec < inner_ext:
+                o, i = sch.split(inner, [None, vec])
+                outer_loops = [*outer_loops, o]
+                inner = i
+            try:
+                sch.vectorize(inner)
+            except Exception:  # noqa: BLE001 - e.g. data-dependent access; stay scalar
+                pass
+    if cores > 1 and total >= min_parallel_work and outer_loops:
+        fused = sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0]
+        try:
+            sch.parallel(fused)
+        except Exception:  # noqa: BLE001
+            pass

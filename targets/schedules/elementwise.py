@@ -1,0 +1,85 @@
+"""Elementwise / injective funcs, and the catch-all fallback.
+
+``Injective``: every block is spatial (relu, add, clip, reshape, transpose, concat,
+layout copies ...).  Each block is compute-inlined into the last one where possible;
+the rest get ``parallel(outer fused loops)`` + ``vectorize(inner loop)``.
+
+``Fallback``: catches every PrimFunc no other rule took, so nothing is left naive and
+single-threaded.  Spatial blocks are treated as above; reduction blocks get their
+leading spatial loops fused and parallelized (when big enough) and their innermost
+spatial loop vectorized when it sits below the reductions.  Any failure degrades to
+the unscheduled function for that block only (never to a build error).
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.target import Target
+
+from . import base
+
+
+class Injective(base.CPURule):
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        if not self.is_target_available(target):
+            return None
+        info = base.analyze(func)
+        if info is None or not info.blocks:
+            return None
+        sch = info.sch
+        if any("R" in base.iter_kinds(sch.get(b)) for b in info.blocks):
+            return None
+        lanes = base.simd_lanes(target)
+        cores = base.num_cores(target)
+        outs = base.output_blocks(sch)
+        remaining = []
+        for b in info.blocks:
+            if sch.get(b).name_hint not in outs:
+                try:
+                    sch.compute_inline(b)
+                    continue
+                except Exception:  # noqa: BLE001
+                    pass
+            remaining.append(b)
+        for b in remaining:
+            base.parallel_vectorize_injective(sch, b, lanes, cores)
+        return sch
+
+
+class Fallback(base.CPURule):
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        if not self.is_target_available(target):
+            return None
+        try:
+            sch = s_tir.Schedule(func)
+            root = sch.get_sblock("root")
+            blocks = list(sch.get_child_blocks(root))
+        except Exception:  # noqa: BLE001
+            return None
+        lanes = base.simd_lanes(target)
+        cores = base.num_cores(target)
+        for b in blocks:
+            try:
+                _schedule_block(sch, b, lanes, cores)
+            except Exception:  # noqa: BLE001 - leave this block as it was
+                pass
+        return sch
+
+
+def _schedule_block(sch: s_tir.Schedule, b, lanes: int, cores: int) -> None:
+    blk = sch.get(b)
+    kinds = base.iter_kinds(blk)
+    loops = sch.get_loops(b)
+    if len(loops) != len(kinds) or any(base.loop_extent(sch, lp) is None for lp in loops):
+        return
+    if "R" not in kinds:
+        base.parallel_vectorize_injective(sch, b, lanes, cores)
+        return
+    n_lead = len(kinds) - len(kinds.lstrip("S"))
+    total = 1
+    for lp in loops:
+        total *= base.loop_extent(sch, lp)
+    if n_lead and cores > 1 and total >= 1 << 14:
+        lead = loops[:n_lead]
+        fused = sch.fuse(*lead) if n_lead > 1 else lead[0]
+        sch.parallel(fused)

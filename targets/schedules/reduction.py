@@ -1,0 +1,41 @@
+"""Row reductions: softmax, layer norm, and similar multi-block reduce+normalize funcs.
+
+Shape: several blocks (some reductions over the trailing axes, some injective) that all
+share the same leading spatial axes, e.g. softmax = max(SR) -> exp(SS) -> sum(SR) ->
+div(SS), layer norm = mean/var(SR) -> normalize(SS).  The schedule follows dlight's CPU
+``Reduction`` rule: parallelize the fused leading spatial axes of the last block,
+compute_at every other block under it (so each row is read from L1, not from memory, by
+every stage), vectorize the injective stages and unroll the reduction stages.  We
+delegate the mechanics to ``tvm.s_tir.dlight.cpu.Reduction`` (with its analysis fixed
+to *our* target's SIMD width) and only add the applicability check and a guard that the
+result has a parallel loop.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.s_tir.dlight.cpu import Reduction as _DlightReduction
+from tvm.target import Target
+
+from . import base
+
+
+class RowReduction(base.CPURule):
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        if not self.is_target_available(target):
+            return None
+        info = base.analyze(func)
+        if info is None or len(info.blocks) < 2:
+            return None
+        sch = info.sch
+        kinds = [base.iter_kinds(sch.get(b)) for b in info.blocks]
+        n_red = sum("R" in k for k in kinds)
+        if n_red == 0 or "R" in kinds[-1]:
+            return None
+        # A single-reduction func with an MAC body belongs to matmul / conv rules.
+        if n_red == 1 and info.main is not None and base.mac_operands(sch.get(info.main)) is not None:
+            return None
+        try:
+            return _DlightReduction().apply(func, target, tunable)
+        except Exception:  # noqa: BLE001 - pattern dlight cannot handle: fallback rule
+            return None
