@@ -119,14 +119,21 @@ class Graph:
         return {n.target: self.constant(n) for n in self.nodes if n.op == "get_attr"}
 
     # -------------------------------------------------------------- mutation
-    def add_constant(self, tensor: torch.Tensor, name_hint: str, before: fx.Node | None = None) -> fx.Node:
-        """Register ``tensor`` on the module and return a ``get_attr`` node for it."""
+    def add_constant(self, tensor: torch.Tensor, name_hint: str, before: fx.Node | None = None,
+                     keep_strides: bool = False) -> fx.Node:
+        """Register ``tensor`` on the module and return a ``get_attr`` node for it.
+
+        ``keep_strides`` keeps a folded value's memory layout: kernels such as matmul pick
+        their algorithm by layout, so a transposed constant made contiguous would round
+        differently from the value computed at run time.
+        """
         base = re.sub(r"[^0-9a-zA-Z_]", "_", name_hint) or "const"
         name, i = base, 0
         while hasattr(self.gm, name):
             i += 1
             name = f"{base}_{i}"
-        self.gm.register_buffer(name, tensor.detach().clone().contiguous())
+        copy_ = tensor.detach().clone()  # clone preserves strides of dense tensors
+        self.gm.register_buffer(name, copy_ if keep_strides else copy_.contiguous())
         anchor = before if before is not None else self._first_non_placeholder()
         with self.fx_graph.inserting_before(anchor):
             node = self.fx_graph.get_attr(name)
@@ -182,6 +189,8 @@ class Graph:
         for n in self.nodes:
             if n.op == "get_attr" and not isinstance(n.meta.get("val"), FakeTensor):
                 n.meta["val"] = mode.from_tensor(self.constant(n), static_shapes=True)
+            elif n.op == "call_function":
+                n.meta.setdefault("val", None)  # ops returning nothing (runtime assertions)
 
     def check(self) -> None:
         """Assert the invariants in the module docstring; raise GraphInvariantError."""

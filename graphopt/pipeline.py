@@ -113,7 +113,7 @@ class Pipeline:
             return text
         if not isinstance(text, str):
             raise PipelineError(f"a pipeline is text like 'fold,fuse', got {type(text).__name__}")
-        if text.strip() in ("", "none"):
+        if text.strip() == "none":  # spelled out: "" is more likely a mistake than a wish
             return cls(())
         if text.strip() == "default":
             text = DEFAULT_PIPELINE

@@ -1,7 +1,8 @@
 """``dce``: dead-code elimination.
 
-Removes pure nodes whose value no one uses (walking backwards, so whole dead chains go
-in one sweep) and the constants only they used. Exact.
+Removes pure nodes whose value no one uses and the constants only they used. A worklist
+revisits the inputs of every removed node, so whole dead chains go in one run whatever
+their order in the node list. Exact.
 """
 
 from __future__ import annotations
@@ -24,9 +25,15 @@ class DeadCodeElimination(GraphPass):
 
     def run(self, graph: Graph) -> PassResult:
         removed = 0
-        for node in reversed(list(graph.nodes)):
-            if node.op == "call_function" and not node.users and is_pure(node):
-                graph.fx_graph.erase_node(node)
-                removed += 1
+        worklist = list(reversed(list(graph.nodes)))
+        while worklist:
+            node = worklist.pop()
+            if node.graph is None or node.op != "call_function" or node.users or not is_pure(node):
+                continue
+            inputs = node.all_input_nodes
+            graph.fx_graph.erase_node(node)
+            node.graph = None  # mark erased: the worklist may still hold it
+            removed += 1
+            worklist.extend(inputs)
         constants = graph.prune_unused_constants()
         return PassResult(bool(removed or constants), {"nodes": removed, "constants": constants})

@@ -49,7 +49,8 @@ class FoldConstants(GraphPass):
                 continue  # tuples (e.g. from split) are folded through their getitem users
             if result.numel() * result.element_size() > self.max_bytes:
                 continue
-            const = graph.add_constant(result, f"folded_{node.name}", before=node)
+            const = graph.add_constant(result, f"folded_{node.name}", before=node, keep_strides=True)
+            values[const] = graph.constant(const)
             node.replace_all_uses_with(const)
             folded += 1
         if folded:

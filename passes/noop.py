@@ -19,6 +19,7 @@ from graphopt.passes_base import GraphPass, PassResult, register_pass
 from graphopt.passes.utils import aten, is_op, shape
 
 _COPIES = (aten.clone, aten.alias, aten.detach, aten.lift_fresh_copy, aten.contiguous)
+_RUNTIME_CHECKS = (aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size)
 _RESHAPES = (aten.view, aten.reshape, aten._unsafe_view, aten.expand, aten.flatten, aten.squeeze, aten.unsqueeze)
 
 
@@ -67,6 +68,11 @@ class RemoveNoOps(GraphPass):
         removed = 0
         outputs = set(graph.output_values())
         for node in list(graph.nodes):
+            if is_op(node, *_RUNTIME_CHECKS) and not node.users:
+                # export's re-checks of dtypes/shapes that the graph's meta already fixes
+                graph.fx_graph.erase_node(node)
+                removed += 1
+                continue
             src = forwarded_input(node)
             if src is None:
                 continue

@@ -35,7 +35,7 @@ except ImportError as e:  # pragma: no cover - TVM is a hard dependency
 # ``fn(importer, node)`` and returns the Relax expression for the node.
 EXTRA_CONVERTERS: dict[str, Callable[["GraphImporter", fx.Node], Any]] = {}
 # Modules that register converters; imported on first use so TVM-free code paths stay light.
-_CONVERTER_MODULES = ("graphopt.targets.quantized",)
+_CONVERTER_MODULES = ("graphopt.targets.ops", "graphopt.targets.quantized")
 
 
 def register_converter(op_name: str):
@@ -61,7 +61,9 @@ def source_location(node: fx.Node) -> str:
     """The user's line that produced ``node``, from the stack trace export recorded."""
     trace = node.meta.get("stack_trace") or ""
     lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File ")]
-    return lines[-1] if lines else "unknown source location"
+    # the deepest frame in the user's code, not inside torch.nn's own modules
+    user = [ln for ln in lines if "site-packages" not in ln and "/torch/" not in ln]
+    return (user or lines or ["unknown source location"])[-1]
 
 
 class GraphImporter(ExportedProgramImporter):
@@ -70,6 +72,7 @@ class GraphImporter(ExportedProgramImporter):
     def __init__(self, extra_convert_map: dict[str, Callable[[fx.Node], Any]] | None = None):
         super().__init__()
         _load_converter_modules()
+        self.importer_convert_map = dict(self.convert_map)  # TVM's own, for converters to defer to
         for op_name, fn in EXTRA_CONVERTERS.items():
             self.convert_map[op_name] = (lambda f: lambda node: f(self, node))(fn)
         if extra_convert_map:

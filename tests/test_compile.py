@@ -1,0 +1,164 @@
+"""x86 build, CompiledModule calls, artifacts: save/load, corruption, mismatches, atomicity."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import graphopt
+from graphopt.errors import ArtifactError, InputError, TargetError, UnsupportedOpError
+from graphopt.testing import assert_matches_eager
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    module = graphopt.compile(m, "x86", (x,), "fold")
+    path = str(tmp_path_factory.mktemp("art") / "net")
+    module.save(path)
+    return m, x, module, path
+
+
+def test_matches_eager_with_torch_and_numpy_inputs(compiled):
+    m, x, module, _ = compiled
+    assert_matches_eager(module(x), m, (x,))
+    out_np = module(x.numpy())
+    assert isinstance(out_np, np.ndarray) and out_np.shape == (1, 4)
+    assert isinstance(module(x), torch.Tensor)
+
+
+def test_x86_target_uses_host_features(compiled):
+    target = compiled[2].manifest["target"]
+    assert target["name"] == "x86" and target["tvm"]["kind"] == "llvm"
+    flags = open("/proc/cpuinfo").read()
+    if "avx512_vnni" in flags:
+        assert target["tvm"]["mcpu"] in ("cascadelake", "sapphirerapids")
+        assert "avx512_vnni" in target["features"]
+
+
+def test_manifest_describes_the_artifact(compiled):
+    _, _, module, path = compiled
+    manifest = json.load(open(os.path.join(path, "manifest.json")))
+    assert manifest["format"] == "graphopt-artifact" and manifest["pipeline"] == "fold"
+    assert manifest["inputs"] == [{"name": "input", "shape": [1, 3, 8, 8], "dtype": "float32"}]
+    assert manifest["outputs"] == [{"name": "output0", "shape": [1, 4], "dtype": "float32"}]
+    assert manifest["tvm_version"].startswith("0.27") and manifest["torch_version"].startswith("2.13")
+    assert len(manifest["sha256"]) == 64 and sorted(os.listdir(path)) == ["manifest.json", "model.so"]
+
+
+def test_load_runs_in_a_fresh_process_without_the_model(compiled, tmp_path):
+    m, x, _, path = compiled
+    np.save(tmp_path / "x.npy", x.numpy())
+    code = ("import sys, numpy as np, graphopt; "
+            f"out = graphopt.load({path!r})(np.load({str(tmp_path / 'x.npy')!r})); "
+            f"np.save({str(tmp_path / 'y.npy')!r}, out)")
+    # -I: isolated, so not even the test's directory (with the model code) is importable
+    subprocess.run([sys.executable, "-I", "-c", code], check=True, cwd=tmp_path)
+    assert_matches_eager(torch.from_numpy(np.load(tmp_path / "y.npy")), m, (x,))
+
+
+def test_wrong_inputs_get_typed_errors(compiled):
+    _, x, module, _ = compiled
+    with pytest.raises(InputError, match=r"expected shape \(1, 3, 8, 8\), got \(1, 3, 9, 8\)"):
+        module(torch.randn(1, 3, 9, 8))
+    with pytest.raises(InputError, match="expected rank 4"):
+        module(torch.randn(3, 8, 8))
+    with pytest.raises(InputError, match="expected dtype float32, got float64"):
+        module(x.double())
+    with pytest.raises(InputError, match=r"expected 1 input\(s\) \(input\), got 2"):
+        module(x, x)
+    with pytest.raises(InputError, match="expected a torch.Tensor or numpy array, got list"):
+        module([[1.0]])
+
+
+def test_nan_inputs_propagate_like_eager(compiled):
+    m, x, module, _ = compiled
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    out, ref = module(bad), m(bad)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+
+
+def _copy_artifact(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_tampered_or_truncated_library_is_rejected(compiled, tmp_path):
+    path = _copy_artifact(compiled[3], tmp_path / "a")
+    lib = os.path.join(path, "model.so")
+    data = open(lib, "rb").read()
+    open(lib, "wb").write(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="SHA-256 of model.so does not match"):
+        graphopt.load(path)
+
+
+def test_corrupt_or_foreign_manifest_is_rejected(compiled, tmp_path):
+    path = _copy_artifact(compiled[3], tmp_path / "b")
+    mpath = os.path.join(path, "manifest.json")
+    manifest = json.load(open(mpath))
+    open(mpath, "w").write("{ not json")
+    with pytest.raises(ArtifactError, match="manifest.json is corrupt"):
+        graphopt.load(path)
+    json.dump(dict(manifest, format_version=99), open(mpath, "w"))
+    with pytest.raises(ArtifactError, match="format version 99 is not supported"):
+        graphopt.load(path)
+    json.dump(dict(manifest, tvm_version="0.19.0"), open(mpath, "w"))
+    with pytest.raises(ArtifactError, match="built with TVM 0.19.0"):
+        graphopt.load(path)
+    arm = dict(manifest["target"], name="arm64", tvm={"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
+    json.dump(dict(manifest, target=arm), open(mpath, "w"))
+    with pytest.raises(ArtifactError, match="built for arm64 .*this machine is x86_64"):
+        graphopt.load(path)
+    with pytest.raises(ArtifactError, match="no such folder"):
+        graphopt.load(str(tmp_path / "missing"))
+
+
+def test_failed_save_leaves_nothing_half_written(compiled, tmp_path, monkeypatch):
+    _, _, module, src = compiled
+    target = _copy_artifact(src, tmp_path / "keep")
+    before = open(os.path.join(target, "manifest.json")).read()
+
+    def broken_export(*args, **kwargs):
+        open(args[0], "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(module.executable, "export_library", broken_export)
+    with pytest.raises(OSError, match="disk full"):
+        module.save(target)
+    with pytest.raises(OSError, match="disk full"):
+        module.save(str(tmp_path / "new"))
+    assert open(os.path.join(target, "manifest.json")).read() == before  # old artifact intact
+    assert sorted(os.listdir(tmp_path)) == ["keep"]  # no temp folders, no partial "new"
+
+
+def test_unwritable_output_folder(compiled, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ArtifactError, match="cannot write artifact"):
+        compiled[2].save(str(blocker / "out"))
+
+
+def test_unsupported_op_is_named_with_its_source_line():
+    class Cummax(nn.Module):
+        def forward(self, x):
+            return torch.cummax(x, 0)[0]  # no TVM lowering
+
+    with pytest.raises(UnsupportedOpError, match=r"aten.cummax.default \(node 'cummax', from .*test_compile.py"):
+        graphopt.compile(Cummax(), "x86", (torch.randn(4),))
+
+
+def test_bad_target_names_list_the_valid_ones():
+    with pytest.raises(TargetError, match="unknown target 'x87'; valid targets: x86, x86-avx2"):
+        graphopt.compile(nn.Identity(), "x87", (torch.randn(1),))
+    with pytest.raises(TargetError, match="has no 'kind'"):
+        graphopt.compile(nn.Identity(), {"mcpu": "znver4"}, (torch.randn(1),))
