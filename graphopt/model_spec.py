@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from graphopt.models import REFERENCE_MODELS, SEED, torchvision_model
 
 def parse_shape(text: str) -> tuple[int, ...]:
     try:
-        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+        dims = tuple(int(d) for d in re.split(r"[,x]", text.strip()))
     except ValueError:
         raise CaptureError(f"bad input shape {text!r}: expected comma-separated integers like 1,3,224,224") from None
     if not dims or any(d <= 0 for d in dims):
