@@ -23,10 +23,13 @@ def _tuple(x: Any) -> tuple[torch.Tensor, ...]:
 
 def assert_close(actual: Any, expected: Any, rtol: float = 1e-4, atol: float = 1e-5, what: str = "output") -> None:
     a_all, e_all = _tuple(actual), _tuple(expected)
-    assert len(a_all) == len(e_all), f"{what}: {len(a_all)} outputs, expected {len(e_all)}"
+    if len(a_all) != len(e_all):
+        raise AssertionError(f"{what}: {len(a_all)} outputs, expected {len(e_all)}")
     for i, (a, e) in enumerate(zip(a_all, e_all)):
-        assert a.shape == e.shape, f"{what} {i}: shape {tuple(a.shape)} != {tuple(e.shape)}"
-        assert a.dtype == e.dtype, f"{what} {i}: dtype {a.dtype} != {e.dtype}"
+        if a.shape != e.shape:
+            raise AssertionError(f"{what} {i}: shape {tuple(a.shape)} != {tuple(e.shape)}")
+        if a.dtype != e.dtype:
+            raise AssertionError(f"{what} {i}: dtype {a.dtype} != {e.dtype}")
         if not torch.allclose(a.double(), e.double(), rtol=rtol, atol=atol, equal_nan=True):
             err = (a.double() - e.double()).abs().max().item()
             raise AssertionError(f"{what} {i}: max abs error {err:.3g} exceeds rtol={rtol:g}, atol={atol:g}")

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from graphopt.graph import Graph
 from graphopt.passes_base import GraphPass, PassResult, register_pass
-from graphopt.passes.utils import aten, is_op, shape
+from graphopt.passes.utils import aten, is_op
 
 _COPIES = (aten.clone, aten.alias, aten.detach, aten.lift_fresh_copy, aten.contiguous)
 _RUNTIME_CHECKS = (aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size)
