@@ -56,6 +56,8 @@ class CandidateResult:
     pareto: bool = False
     pass_records: list[dict[str, Any]] = field(default_factory=list)
     sensitivity: list[dict[str, Any]] = field(default_factory=list)
+    before: str = ""  # the candidate's pipeline split at its fine-tuning step
+    after: str = ""
 
     @property
     def ok(self) -> bool:
@@ -169,23 +171,31 @@ def _dir_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
 
 
+def build_candidate(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], target: Any, cand: Candidate,
+                    train_data: Any = None, calibration_data: Any = None, finetune_epochs: int = 3):
+    """Optimize, fine-tune (pruned candidates) and compile one candidate: (graph, module, finetune seconds)."""
+    import graphopt
+
+    finetune_s = 0.0
+    graph = graphopt.optimize(model, inputs, cand.before, calibration_data=calibration_data)
+    if cand.finetune:
+        t1 = time.perf_counter()
+        graphopt.finetune(graph, train_data, teacher=model, epochs=finetune_epochs, distill=True)
+        finetune_s = time.perf_counter() - t1
+    if cand.after:
+        graph = graphopt.optimize(graph, pipeline=cand.after, calibration_data=calibration_data)
+    return graph, graphopt.compile(graph, target, pipeline="none"), finetune_s
+
+
 def run_candidate(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], target: Any, cand: Candidate,
                   metric: Callable, baseline: float, workdir: str, train_data: Any = None,
                   calibration_data: Any = None, finetune_epochs: int = 3) -> CandidateResult:
-    import graphopt
-
-    res = CandidateResult(cand.name, cand.pipeline, cand.finetune)
+    res = CandidateResult(cand.name, cand.pipeline, cand.finetune, before=cand.before, after=cand.after)
     try:
         t0 = time.perf_counter()
-        graph = graphopt.optimize(model, inputs, cand.before, calibration_data=calibration_data)
-        if cand.finetune:
-            t1 = time.perf_counter()
-            graphopt.finetune(graph, train_data, teacher=model, epochs=finetune_epochs, distill=True)
-            res.finetune_s = time.perf_counter() - t1
-        if cand.after:
-            graph = graphopt.optimize(graph, pipeline=cand.after, calibration_data=calibration_data)
-        module = graphopt.compile(graph, target, pipeline="none")
-        res.compile_s = time.perf_counter() - t0 - (res.finetune_s or 0.0)
+        graph, module, res.finetune_s = build_candidate(model, inputs, target, cand, train_data, calibration_data,
+                                                        finetune_epochs)
+        res.compile_s = time.perf_counter() - t0 - res.finetune_s
         path = module.save(os.path.join(workdir, "artifact"))
         res.size_bytes = _dir_size(path)
         res.accuracy = float(metric(module))
@@ -197,6 +207,11 @@ def run_candidate(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], targ
         res.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
         res.pass_records = [{"traceback": traceback.format_exc(limit=3)}]
     return res
+
+
+def candidate_of(result: CandidateResult) -> Candidate:
+    """The Candidate a result came from (to rebuild it, e.g. the chosen one)."""
+    return Candidate(result.name, result.before or result.pipeline, result.after, result.finetuned)
 
 
 def pareto_front(results: list[CandidateResult]) -> None:
