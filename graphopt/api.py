@@ -61,7 +61,9 @@ def compile(model: "torch.nn.Module | Graph", target: Any = "x86", example_input
     """Optimize ``model`` with ``pipeline`` and build it for ``target``; returns a CompiledModule.
 
     ``target`` is a preset name (``graphopt targets`` lists them), ``cuda:sm_XX`` or a TVM
-    target dict. ``fusion`` overrides the backend's fusion policy ("tvm" or "none").
+    target dict. ``fusion`` overrides the backend's fusion policy: by default the graph's
+    own fusion groups decide ("graph", one kernel per group of the ``fuse`` pass), and a
+    pipeline without ``fuse`` builds unfused ("none"); "tvm" asks for TVM's automatic fusion.
     ``tune`` (a graphopt.targets.tuning.Tune) autotunes with MetaSchedule into its database
     first; ``calibration_data`` feeds static quantization.
     """

@@ -26,7 +26,7 @@ from graphopt.errors import GraphoptError, PassError, PipelineError
 from graphopt.graph import Graph
 from graphopt.passes_base import GraphPass, PassResult, coerce_option, get_pass
 
-DEFAULT_PIPELINE = "fold"
+DEFAULT_PIPELINE = "fold,fuse"
 
 _TOKEN = re.compile(r"\s*([{}\[\],=]|[^{}\[\],=\s]+)")
 

@@ -3,8 +3,12 @@
 The pipeline follows TVM's default one (dispatch, legalize, fuse, schedule, lower to the
 VM) with the stages graphopt controls spelled out:
 
-* fusion — ``"tvm"`` runs TVM's automatic FuseOps/FuseTIR; ``"none"`` turns it off, so
-  every op is its own kernel (A/B comparisons against graphopt's own ``fuse`` are real);
+* fusion — ``"graph"`` makes one kernel per kernel function the lowering emitted (each
+  fusion group of graphopt's ``fuse`` pass, and each op outside a group): they become
+  ``Primitive`` functions (constants lifted to parameters) that FuseTIR turns into one
+  PrimFunc each, with no FuseOps; ``"tvm"`` runs TVM's automatic FuseOps/FuseTIR; ``"none"``
+  turns fusion off, so every op is its own kernel (A/B comparisons are real). The last two
+  first inline the lowering's kernel functions back into ``main``;
 * schedules — CPU PrimFuncs get graphopt's schedule rules (targets/schedules) unless a
   tuning record already scheduled them; GPU PrimFuncs get TVM's dlight GPU rules, which
   bind every loop nest to threads (an unscheduled kernel cannot run on a GPU at all).
@@ -21,7 +25,8 @@ from tvm import relax
 from graphopt.errors import CompilationError
 from graphopt.targets.registry import TargetSpec
 
-Fusion = Literal["tvm", "none"]
+Fusion = Literal["graph", "tvm", "none"]
+FUSION_MODES = ("graph", "tvm", "none")
 
 
 def _cpu_schedule_passes(target: tvm.target.Target) -> tuple[list, list]:
@@ -53,8 +58,9 @@ def relax_pipeline(spec: TargetSpec, *, fusion: Fusion = "tvm", schedules: bool 
     layout, schedule = ([], _gpu_schedule_passes()) if spec.kind == "cuda" else _cpu_schedule_passes(target)
     if not schedules and spec.kind != "cuda":
         layout, schedule = [], []
-    fuse = [relax.transform.FuseOps(), relax.transform.FuseTIR()] if fusion == "tvm" else []
+    prologue, fuse = fusion_passes(fusion)
     passes = [
+        *prologue,
         *backend.library_dispatch_passes(target),
         *layout,
         relax.transform.LegalizeOps(),
@@ -88,14 +94,130 @@ def build(mod: tvm.IRModule, spec: TargetSpec, *, fusion: Fusion = "tvm", schedu
                                f"{lines[-1] if lines else type(e).__name__}") from e
 
 
+def fusion_passes(fusion: Fusion) -> tuple[list, list]:
+    """(passes before legalization, passes after legalization + FoldConstant) for ``fusion``."""
+    if fusion not in FUSION_MODES:
+        raise CompilationError(f"unknown fusion mode {fusion!r}; valid modes: {', '.join(FUSION_MODES)}")
+    if fusion == "graph":
+        return [], [_kernels_to_primitive, relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()]
+    inline = [relax.transform.InlinePrivateFunctions()]
+    if fusion == "tvm":
+        return inline, [relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    return inline, []
+
+
+@relax.expr_functor.mutator
+class _LiftConstants(relax.PyExprMutator):
+    """Replace every tensor constant in a kernel function by a new parameter (FuseTIR
+    accepts no constants inside a Primitive function); ``lifted`` keeps (param, constant)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lifted: list[tuple[relax.Var, relax.Expr]] = []
+
+    def visit_generic_const_(self, op: relax.Expr) -> relax.Expr:  # relax.Constant before TVM 0.27
+        for param, const in self.lifted:
+            if const.same_as(op):
+                return param
+        param = relax.Var(f"c{len(self.lifted)}", op.ty)
+        self.lifted.append((param, op))
+        return param
+
+
+@relax.expr_functor.mutator
+class _PassLiftedConstants(relax.PyExprMutator):
+    """Point every call of a kernel function at its new version, passing the lifted constants."""
+
+    def __init__(self, new_kernels: dict):
+        super().__init__()
+        self.new_kernels = new_kernels  # old GlobalVar -> (new GlobalVar, constants)
+
+    def visit_call_(self, op: relax.Call) -> relax.Expr:
+        call = super().visit_call_(op)
+        for old, (new, consts) in self.new_kernels.items():
+            if call.op.same_as(old):
+                return relax.Call(new, [*call.args, *consts], call.attrs, call.ty_args, call.span)
+        return call
+
+
+@tvm.transform.module_pass(opt_level=0, name="graphopt.KernelsToPrimitive")
+def _kernels_to_primitive(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """Mark the lowering's kernel functions Primitive, with their constants lifted to params."""
+    from graphopt.targets.lower import KERNEL_ATTR
+
+    def is_kernel(func) -> bool:
+        return isinstance(func, relax.Function) and func.attrs is not None and KERNEL_ATTR in func.attrs
+
+    builder = relax.BlockBuilder(tvm.IRModule({g: f for g, f in mod.functions.items() if not is_kernel(f)},
+                                              attrs=mod.attrs))
+    new_kernels = {}
+    for gvar, func in mod.functions.items():
+        if not is_kernel(func):
+            continue
+        lifter = _LiftConstants()
+        body = lifter.visit_expr(func.body)
+        params = [*func.params, *(p for p, _ in lifter.lifted)]
+        new = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
+        # a new GlobalVar: the old one's type still says the old number of parameters
+        new_gvar = builder.add_func(new.with_attr("Primitive", True), gvar.name_hint)
+        new_kernels[gvar] = (new_gvar, [c for _, c in lifter.lifted])
+    out = builder.get()
+    for gvar, func in list(out.functions.items()):
+        if isinstance(func, relax.Function) and not is_kernel(func):
+            out[gvar] = _PassLiftedConstants(new_kernels).visit_expr(func)
+    return out
+
+
 def fusion_mode(graph, requested: str | None) -> Fusion:
-    """The backend fusion policy for ``graph``: what the user asked for, else TVM's own."""
-    return requested or "tvm"  # type: ignore[return-value]
+    """The backend fusion policy for ``graph``.
+
+    What the user asked for, else ``"graph"`` when the graph carries fusion groups (the
+    ``fuse`` pass ran), else ``"none"``: with no ``fuse`` in the pipeline TVM's automatic
+    fusion is off too, so pipelines with and without ``fuse`` compare honestly.
+    """
+    if requested is not None:
+        if requested not in FUSION_MODES:
+            raise CompilationError(f"unknown fusion mode {requested!r}; valid modes: {', '.join(FUSION_MODES)}")
+        return requested  # type: ignore[return-value]
+    has_groups = any("fusion_group" in n.meta for n in graph.nodes)
+    return "graph" if has_groups else "none"
 
 
 def count_kernels(mod: tvm.IRModule) -> int:
     """Number of TIR PrimFuncs (kernels) in a Relax module after legalization/fusion."""
     return sum(1 for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
+
+
+def kernel_launches(mod: tvm.IRModule, spec: TargetSpec, fusion: Fusion) -> list[tuple[str, int]]:
+    """(PrimFunc name, bytes it writes) for every kernel ``main`` launches, in order, when
+    ``mod`` (from lower_to_relax) is legalized and fused with ``fusion``. Reshapes that
+    TVM turns into no-copy views are not kernels."""
+    prologue, fuse = fusion_passes(fusion)
+    seq = tvm.transform.Sequential([*prologue, relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                    relax.transform.FoldConstant(), *fuse, relax.transform.RewriteDataflowReshape()])
+    with spec.tvm_target():
+        fused = seq(mod)
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    launches = []
+    for block in fused["main"].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Call) and value.op.same_as(call_tir):
+                launches.append((value.args[0].name_hint, _sinfo_bytes(binding.var.ty)))
+    return launches
+
+
+def _sinfo_bytes(sinfo) -> int:
+    if isinstance(sinfo, relax.TupleType):
+        return sum(_sinfo_bytes(f) for f in sinfo.fields)
+    if not isinstance(sinfo, relax.TensorType) or sinfo.shape is None:
+        return 0
+    n = 1
+    for d in sinfo.shape.values:
+        if not isinstance(d, tvm.tirx.IntImm):
+            return 0  # symbolic size
+        n *= int(d)
+    return n * tvm.runtime.DataType(sinfo.dtype).bits // 8
 
 
 def default_num_threads() -> int:

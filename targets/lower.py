@@ -9,6 +9,14 @@ depend on the number of outputs.
 
 Anything the importer cannot translate is reported as UnsupportedOpError naming the op,
 the node and the line of the user's model it came from — never a TVM traceback.
+
+Fusion groups (``node.meta["fusion_group"]``, set by passes/fuse.py): when the graph has
+any, every kernel the graph describes — each group, and each computing op outside a group
+— is emitted as a private Relax function carrying the attribute ``graphopt.kernel``, called
+from ``main``; free views outside groups stay inline (TVM turns them into no-copy
+reshapes). In fusion mode ``"graph"`` the build (targets/build.py) marks those functions
+``Primitive`` after legalization, so FuseTIR makes exactly one PrimFunc per function; any
+other mode inlines them back first, which gives the plain op-by-op module.
 """
 
 from __future__ import annotations
@@ -116,6 +124,7 @@ class GraphImporter(ExportedProgramImporter):
         return relax.transform.CanonicalizeBindings()(mod)
 
     def _translate(self, graph: Graph) -> list[relax.Expr]:
+        kernels = kernel_partition(graph)
         for node in graph.nodes:
             if node.op == "placeholder":
                 continue
@@ -123,10 +132,44 @@ class GraphImporter(ExportedProgramImporter):
                 tensor = graph.constant(node).detach().contiguous()
                 self.env[node] = relax.const(self._convert_pytorch_tensor_to_tvm(tensor))
             elif node.op == "call_function":
-                self.env[node] = self._convert(node)
+                kernel = kernels.get(node)
+                if kernel is None:
+                    self.env[node] = self._convert(node)
+                elif node is kernel.output:  # members come before their output in graph order
+                    self.env[node] = self._emit_kernel(kernel)
             elif node.op == "output":
                 return [self.env[v] for v in graph.output_values()]
         raise UnsupportedOpError("graph has no output node")
+
+    def _emit_kernel(self, kernel: "Kernel") -> relax.Expr:
+        """Emit ``kernel``'s ops as a private function and call it from the current function."""
+        members = set(kernel.nodes)
+        inputs: list[fx.Node] = []
+        for m in kernel.nodes:
+            for a in m.all_input_nodes:
+                if a not in members and a.op != "get_attr" and a not in inputs:
+                    inputs.append(a)
+        outer_args = [self.env[a] for a in inputs]
+        params = [relax.Var(f"p_{a.name}", arg.ty) for a, arg in zip(inputs, outer_args)]
+        outer_bb, sub = self.block_builder, relax.BlockBuilder()
+        self.block_builder = sub
+        try:
+            self.env.update(zip(inputs, params))
+            with sub.function(kernel.name, params, attrs={KERNEL_ATTR: kernel.group}, private=True):
+                with sub.dataflow():
+                    for m in kernel.nodes:
+                        self.env[m] = self._convert(m)
+                    out = sub.emit_output(self.env[kernel.output])
+                sub.emit_func_output(out)
+        finally:
+            self.block_builder = outer_bb
+            self.env.update(zip(inputs, outer_args))
+        built = sub.get()
+        if len(built.functions) != 1:  # a converter added PrimFuncs of its own (call_te)
+            raise UnsupportedOpError(f"kernel {kernel.name!r}: a converter emitted TIR functions directly, "
+                                     "which fusion groups do not support yet")
+        gvar = outer_bb.add_func(built[kernel.name], kernel.name)
+        return outer_bb.emit(relax.Call(gvar, outer_args), name_hint=kernel.output.name)
 
     def _convert(self, node: fx.Node) -> relax.Expr:
         try:
@@ -140,6 +183,84 @@ class GraphImporter(ExportedProgramImporter):
                 f"lowered to TVM with these arguments: {msg[-1] if msg else type(e).__name__}") from e
 
 
+# Attribute on the private Relax function of one kernel: its fusion group id, or -1 for an
+# ungrouped op. targets/build.py turns these functions into Primitive ones (mode "graph").
+KERNEL_ATTR = "graphopt.kernel"
+
+
+class Kernel:
+    """The nodes the graph runs as one kernel: a fusion group, or one ungrouped op."""
+
+    def __init__(self, name: str, nodes: list[fx.Node], group: int):
+        self.name, self.nodes, self.group = name, nodes, group
+        names = {n.name for n in nodes}
+        self.output = next(n for n in nodes if any(u.name not in names for u in n.users))
+
+
+def kernel_partition(graph: Graph) -> dict[fx.Node, Kernel]:
+    """Node -> its kernel, when the graph has fusion groups; empty (op-by-op) otherwise.
+
+    Groups are checked first (a pass after ``fuse`` may have broken one): GraphInvariantError.
+    """
+    from graphopt.passes.fusion.groups import validate_groups
+    from graphopt.passes.fusion.ops import is_compute
+    from graphopt.printer import op_name
+
+    groups = validate_groups(graph)
+    if not groups:
+        return {}
+    partition: dict[fx.Node, Kernel] = {}
+    for gid, members in groups.items():
+        ops = [op_name(m).split(".")[0] for m in members if is_compute(m)]
+        kernel = Kernel(f"group{gid}_" + "_".join(ops)[:48], members, gid)
+        partition.update((m, kernel) for m in members)
+    for n in graph.call_nodes():
+        if n not in partition and is_compute(n):
+            partition[n] = Kernel(f"op_{n.name}", [n], -1)
+    return partition
+
+
 def lower_to_relax(graph: Graph, extra_convert_map: dict[str, Callable] | None = None) -> tvm.IRModule:
     """Translate ``graph`` into an IRModule whose ``main`` takes the user inputs and returns a tuple."""
     return GraphImporter(extra_convert_map).lower(graph)
+
+
+# --- converters the importer lacks or gets wrong (found by graphopt.fuzz; tests/test_regressions.py)
+@register_converter("_unsafe_view.default")
+def _unsafe_view(importer: GraphImporter, node: fx.Node) -> relax.Expr:
+    """export spells ``flatten`` of a non-contiguous tensor as clone + ``_unsafe_view``: a reshape."""
+    return importer._reshape(node)
+
+
+@register_converter("scaled_dot_product_attention.default")
+def _sdpa(importer: GraphImporter, node: fx.Node) -> relax.Expr:
+    """SDPA for 2-, 3- and 4-d inputs, honouring ``scale``.
+
+    TVM's importer rejects 3-d inputs (``(batch, seq, dim)``, valid in torch) and drops
+    the ``scale`` argument. Relax's attention wants ``(batch, seq, heads, dim)``.
+    """
+    q = importer.env[node.args[0]]
+    rank = len(q.ty.shape)
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    dropout = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+    causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
+    scale = node.args[6] if len(node.args) > 6 else node.kwargs.get("scale")
+    if dropout or node.kwargs.get("enable_gqa") or rank not in (2, 3, 4) or (mask is not None and rank != 4):
+        raise UnsupportedOpError(f"operator {node.target} (node {node.name!r}, from {source_location(node)}): "
+                                 f"only rank-2/3/4 inputs without dropout (and masks only at rank 4) lower to TVM")
+    bb = importer.block_builder
+
+    def to_relax(t: relax.Expr) -> relax.Expr:
+        if rank == 4:  # (batch, heads, seq, dim) -> (batch, seq, heads, dim)
+            return bb.emit(relax.op.permute_dims(t, [0, 2, 1, 3]))
+        if rank == 2:
+            t = bb.emit(relax.op.expand_dims(t, axis=0))
+        return bb.emit(relax.op.expand_dims(t, axis=2))  # one head
+
+    q4, k4, v4 = (to_relax(importer.env[a]) for a in node.args[:3])
+    bias = importer.env[mask] if mask is not None else None
+    out = bb.emit(relax.op.nn.attention(q4, k4, v4, bias=bias, scale=None if scale is None else float(scale),
+                                        causal_mask="TopLeft" if causal else None))
+    if rank == 4:
+        return bb.emit(relax.op.permute_dims(out, [0, 2, 1, 3]))
+    return bb.emit(relax.op.squeeze(out, axis=[0, 2] if rank == 2 else [2]))

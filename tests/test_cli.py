@@ -13,7 +13,7 @@ from graphopt.cli import main
 def test_compile_then_run_matches_eager(tmp_path, capsys):
     out, x = str(tmp_path / "art"), str(tmp_path / "x.npy")
     assert main(["compile", "cnn", "--target", "x86", "-o", out, "--save-input", x]) == 0
-    assert "compiled cnn for x86 with pipeline 'fold'" in capsys.readouterr().out
+    assert "compiled cnn for x86 with pipeline 'fold,fuse'" in capsys.readouterr().out
     assert main(["run", out, "--input", x, "--reference", "cnn", "--output", str(tmp_path / "y.npy")]) == 0
     printed = capsys.readouterr().out
     assert "output0: float32[1, 10]" in printed and "-> MATCH" in printed
