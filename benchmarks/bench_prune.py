@@ -1,0 +1,123 @@
+"""graphopt's prune pass vs Torch-Pruning (DepGraph) at the same ratio.
+
+For each reference model: params, FLOPs (both measured the same way: capture the pruned
+model and ``summary()``), and x86 latency after ``graphopt.compile`` (untuned TVM,
+TVM_NUM_THREADS=2). For the digits models: test accuracy after pruning half and fine-tuning
+both with the same budget (``graphopt.finetune``, distillation from the unpruned model).
+Torch-Pruning runs with its MetaPruner, L1 magnitude importance, local pruning, the
+model's classifier ignored (its outputs must stay), as in its README.
+
+    python benchmarks/bench_prune.py [--ratio 0.5] [--models resnet18,mobilenet_v2,transformer] [--no-latency]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import median_ms, set_threads, table  # noqa: E402
+
+import torch  # noqa: E402
+
+import graphopt  # noqa: E402
+import graphopt.models as models  # noqa: E402
+
+
+def tp_prune(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> torch.nn.Module:
+    import torch_pruning as tp
+
+    model = copy.deepcopy(model)
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]
+    kwargs = {}
+    mha = [m for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    if mha:  # prune whole heads, as graphopt does
+        kwargs = dict(num_heads={m: m.num_heads for m in mha}, prune_num_heads=True, prune_head_dims=False,
+                      head_pruning_ratio=ratio)
+        last = []  # the encoder's output is the residual stream, not a classifier
+    pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                  pruning_ratio=ratio, ignored_layers=last, **kwargs)
+    pruner.step()
+    for m in mha:  # Torch-Pruning's documented fix-up after pruning MHA
+        m.num_heads = pruner.num_heads[m]
+        m.head_dim = m.embed_dim // m.num_heads
+    return model.eval()
+
+
+def latencies_ms(graphs: list[graphopt.Graph], x: torch.Tensor, rounds: int = 3) -> list[float]:
+    """Best of ``rounds`` interleaved medians per graph: on a shared machine, other load
+    only ever adds time, so the minimum is the least noisy estimate."""
+    compiled = [graphopt.compile(g, "x86", pipeline="dce") for g in graphs]
+    best = [float("inf")] * len(graphs)
+    for _ in range(rounds):
+        for i, c in enumerate(compiled):
+            best[i] = min(best[i], median_ms(lambda c=c: c(x), runs=5, warmup=1, budget_s=10.0))
+    return best
+
+
+def model_rows(names: list[str], ratio: float, latency: bool) -> list[list[object]]:
+    rows = []
+    for name in names:
+        ref = models.REFERENCE_MODELS[name]
+        x = ref.example_input()
+        model = ref.build()
+        base = graphopt.capture(model, x)
+        ours = graphopt.optimize(base, pipeline=f"prune{{ratio={ratio}}}")
+        variants = [("unpruned", base), ("graphopt", ours)]
+        try:
+            variants.append(("torch-pruning", graphopt.capture(tp_prune(model, x, ratio), x)))
+        except Exception as e:  # report the other tool's failure in the table instead of dying
+            rows.append([name, "torch-pruning", f"failed: {type(e).__name__}: {str(e)[:80]}", "", "", "", ""])
+        b = base.summary()
+        times = latencies_ms([g for _, g in variants], x) if latency else [float("nan")] * len(variants)
+        for (label, g), ms in zip(variants, times):
+            s = g.summary()
+            rows.append([name, label, f"{s.params / 1e6:.3f}M", f"{s.params / b.params:.3f}",
+                         f"{s.flops / 1e9:.3f}G", f"{s.flops / b.flops:.3f}", ms])
+    return rows
+
+
+def digits_rows(ratio: float, epochs: int) -> list[list[object]]:
+    rows = []
+    torch.set_num_threads(1)  # tiny models: threads only add contention
+    for name, image in (("digits_mlp", False), ("digits_cnn", True)):
+        teacher, acc = models.train_digits(getattr(models, name)())
+        xtr, ytr, xte, yte = models.load_digits_split(image=image)
+        base = graphopt.capture(teacher, xte[:8], dynamic_shapes="batch")
+        rows.append([name, "unpruned", base.summary().params, f"{acc:.4f}", "", ""])
+        ours = graphopt.optimize(base, pipeline=f"prune{{ratio={ratio}}}")
+        theirs = graphopt.capture(tp_prune(teacher, xte[:8], ratio), xte[:8], dynamic_shapes="batch")
+        for label, g in (("graphopt", ours), ("torch-pruning", theirs)):
+            before = models.accuracy(g, xte, yte)
+            graphopt.finetune(g, (xtr, ytr), teacher=teacher, epochs=epochs, lr=2e-3, progress=False)
+            after = models.accuracy(g, xte, yte)
+            rows.append([name, label, g.summary().params, f"{after:.4f}", f"{before:.4f}",
+                         f"{100 * (after - acc):+.2f}"])
+    set_threads()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--models", default="resnet18,mobilenet_v2,transformer")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument("--no-digits", action="store_true")
+    args = ap.parse_args()
+    set_threads()
+    print(f"## prune ratio {args.ratio}: graphopt vs Torch-Pruning\n")
+    rows = model_rows([m for m in args.models.split(",") if m], args.ratio, not args.no_latency)
+    print(table(["model", "pruner", "params", "params ratio", "FLOPs", "FLOPs ratio", "x86 ms"], rows))
+    if args.no_digits:
+        return
+    print(f"\n## digits accuracy after pruning {args.ratio:.0%} + {args.epochs} epochs of distillation\n")
+    print(table(["model", "pruner", "params", "test acc", "acc before finetune", "vs unpruned (points)"],
+                digits_rows(args.ratio, args.epochs)))
+
+
+if __name__ == "__main__":
+    main()
