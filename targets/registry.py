@@ -56,15 +56,24 @@ class TargetSpec:
                 "cross_triple": self.cross_triple}
 
 
-def host_cpu_features() -> set[str]:
+def _cpuinfo() -> tuple[str, set[str]]:
+    """(vendor, feature flags) of this machine's first CPU, from /proc/cpuinfo."""
+    vendor, flags = "", set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith("vendor_id") and not vendor:
+                    vendor = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
     except OSError:
         pass
-    return set()
+    return vendor, flags
+
+
+def host_cpu_features() -> set[str]:
+    return _cpuinfo()[1]
 
 
 def _cores() -> int:
@@ -74,10 +83,27 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+# ISA extensions LLVM may use on its own once a CPU model implies them, named as in
+# /proc/cpuinfo -> as in LLVM. A CPU model is only a bundle of features: if the model we
+# pick implies one this machine lacks, LLVM emits it and the program dies with SIGILL
+# (seen: sapphirerapids implies AVX-VNNI; on a Zen 4 host the {vex} vpdpwssd it chose for
+# int8 loops crashed). So every one of these the host lacks is switched off explicitly.
+_GUARDED_FEATURES = {
+    "avx_vnni": "avxvnni", "amx_tile": "amx-tile", "amx_int8": "amx-int8", "amx_bf16": "amx-bf16",
+    "avx512_fp16": "avx512fp16", "avx512_bf16": "avx512bf16", "avx512_vnni": "avx512vnni",
+    "avx_ifma": "avxifma", "avx_vnni_int8": "avxvnniint8", "avx512_vp2intersect": "avx512vp2intersect",
+}
+
+
 def _x86_host() -> TargetSpec:
-    flags = host_cpu_features()
-    if "amx_int8" in flags or "avx512_bf16" in flags:
+    vendor, flags = _cpuinfo()
+    amd = vendor == "AuthenticAMD"
+    if "amx_int8" in flags:
         mcpu = "sapphirerapids"
+    elif amd and "avx512f" in flags:
+        mcpu = "znver4"
+    elif amd and "avx2" in flags:
+        mcpu = "znver2"
     elif "avx512_vnni" in flags:
         mcpu = "cascadelake"
     elif "avx512f" in flags:
@@ -86,10 +112,15 @@ def _x86_host() -> TargetSpec:
         mcpu = "haswell"
     else:
         mcpu = "x86-64"
+    mattr = sorted(f"-{llvm}" for linux, llvm in _GUARDED_FEATURES.items() if linux not in flags)
     feats = tuple(sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni",
-                                                  "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16")))
-    return TargetSpec("x86", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu, "num-cores": _cores()},
-                      description=f"this host ({mcpu}, {_cores()} cores)", features=feats)
+                                                  "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16",
+                                                  "avx512_fp16")))
+    tvm = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu, "num-cores": _cores()}
+    if mattr:
+        tvm["mattr"] = mattr
+    return TargetSpec("x86", tvm, description=f"this host ({vendor or 'x86'}, {mcpu}, {_cores()} cores)",
+                      features=feats)
 
 
 def _aarch64(name: str, mcpu: str, mattr: list[str], desc: str, cores: int = 4) -> TargetSpec:

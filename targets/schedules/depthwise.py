@@ -57,24 +57,30 @@ class DepthwiseConv2dNCHW(base.CPURule):
         x_ext = int(block.iter_vars[3].dom.extent)
         lanes = base.simd_lanes(target, block.body.buffer.dtype.bits)
         cores = base.num_cores(target)
-        # Whole row when it fits in two vectors (7, 14, 28 wide rows), else a divisor;
-        # odd lane counts are fine, LLVM splits them into legal vectors.
-        xi = x_ext if x_ext <= 2 * lanes else (base.largest_divisor(x_ext, 2 * lanes, 4) or
-                                                base.largest_divisor(x_ext, 2 * lanes))
-
+        # Vector = the widest power of two <= lanes dividing the row; a few of them
+        # unrolled form the register tile.  (Odd widths such as <28 x float> make LLVM
+        # emit shuffle-heavy code.)
+        vw = 1
+        while vw * 2 <= lanes and x_ext % (vw * 2) == 0:
+            vw *= 2
+        unroll = base.largest_divisor(x_ext // vw, 8)
         post = base.inline_post(sch, info.post)
         wb = sch.cache_write(main, 0, "local")
         n, f, y, x, rc, ry, rx = sch.get_loops(main)
-        xo, xv = sch.split(x, [None, xi])
-        sch.reorder(n, f, y, xo, rc, ry, rx, xv)
+        xo, xu, xv = sch.split(x, [None, unroll, vw])
+        sch.reorder(n, f, y, xo, rc, ry, rx, xu, xv)
         outer = sch.fuse(n, f)
         if cores > 1:
             sch.parallel(outer)
-        sch.vectorize(xv)
+        sch.unroll(xu)
+        if vw > 1:
+            sch.vectorize(xv)
         sch.reverse_compute_at(wb, xo, preserve_unit_loops=True)
         left = base.fuse_epilogue(sch, wb, post)
         wb_loops = sch.get_loops(wb)
-        sch.vectorize(wb_loops[-1])
+        if vw > 1:
+            _, wv = sch.split(wb_loops[-1], [None, vw])
+            sch.vectorize(wv)
         for b in left:
             sch.reverse_compute_at(b, xo, preserve_unit_loops=True)
         sch.decompose_reduction(main, rc)

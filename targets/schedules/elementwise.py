@@ -6,8 +6,9 @@ the rest get ``parallel(outer fused loops)`` + ``vectorize(inner loop)``.
 
 ``Fallback``: catches every PrimFunc no other rule took, so nothing is left naive and
 single-threaded.  Spatial blocks are treated as above; reduction blocks get their
-leading spatial loops fused and parallelized (when big enough) and their innermost
-spatial loop vectorized when it sits below the reductions.  Any failure degrades to
+leading spatial loops fused and parallelized (when big enough); multiply-accumulate
+blocks inside bigger funcs (the batch matmuls of legalized ``nn.attention``) get the
+matmul rule's register-blocked GEMM schedule.  Any failure degrades to
 the unscheduled function for that block only (never to a build error).
 """
 
@@ -17,6 +18,7 @@ from tvm import s_tir, tirx
 from tvm.target import Target
 
 from . import base
+from .matmul import is_gemm_block, schedule_gemm_block
 
 
 class Injective(base.CPURule):
@@ -60,17 +62,21 @@ class Fallback(base.CPURule):
         cores = base.num_cores(target)
         for b in blocks:
             try:
-                _schedule_block(sch, b, lanes, cores)
+                _schedule_block(sch, b, lanes, cores, target)
             except Exception:  # noqa: BLE001 - leave this block as it was
                 pass
         return sch
 
 
-def _schedule_block(sch: s_tir.Schedule, b, lanes: int, cores: int) -> None:
+def _schedule_block(sch: s_tir.Schedule, b, lanes: int, cores: int, target: Target) -> None:
     blk = sch.get(b)
     kinds = base.iter_kinds(blk)
     loops = sch.get_loops(b)
     if len(loops) != len(kinds) or any(base.loop_extent(sch, lp) is None for lp in loops):
+        return
+    if is_gemm_block(blk):
+        # e.g. the two batch matmuls inside relax's legalized nn.attention.
+        schedule_gemm_block(sch, b, target)
         return
     if "R" not in kinds:
         base.parallel_vectorize_injective(sch, b, lanes, cores)

@@ -63,45 +63,105 @@ class Matmul(base.CPURule):
         if block is None:
             return None
         sch = info.sch
-        main = info.main
-        exts = [int(iv.dom.extent) for iv in block.iter_vars]
-        m_ext, n_ext, k_ext = exts[-3], exts[-2], exts[-1]
-        lanes = base.simd_lanes(target, block.body.buffer.dtype.bits)
-        max_acc = base.num_vector_registers(target) - 8
-        cores = base.num_cores(target)
-
-        ji = base.largest_divisor(n_ext, 2 * lanes, lanes) or base.largest_divisor(n_ext, 2 * lanes, 4)
-        if ji == 0:
-            ji = n_ext if n_ext <= 2 * lanes else base.largest_divisor(n_ext, 2 * lanes)
-        j_vecs = max((ji + lanes - 1) // lanes, 1)
-        ii = base.largest_divisor(m_ext, max(max_acc // j_vecs, 1)) or 1
-
         post = base.inline_post(sch, info.post)
-        wb = sch.cache_write(main, 0, "local")
-        loops = sch.get_loops(main)
-        batch, i, j, k = loops[:-3], loops[-3], loops[-2], loops[-1]
-        io, iv_ = sch.split(i, [None, ii])
-        jo, jv = sch.split(j, [None, ji])
-        sch.reorder(*batch, jo, io, k, iv_, jv)
-        sch.unroll(iv_)
-        sch.vectorize(jv)
-        outer = sch.fuse(*batch, jo, io)
-        total = 1
-        for e in exts:
-            total *= e
-        if cores > 1 and total >= _MIN_PARALLEL_MACS:
-            sch.parallel(outer)
-        sch.reverse_compute_at(wb, outer, preserve_unit_loops=True)
-        left = base.fuse_epilogue(sch, wb, post)
-        wb_loops = sch.get_loops(wb)
-        try:
-            sch.vectorize(wb_loops[-1])
-        except Exception:  # noqa: BLE001 - epilogue with a non-vectorizable access
-            pass
-        for b in left:
-            sch.reverse_compute_at(b, outer, preserve_unit_loops=True)
-        sch.decompose_reduction(main, k)
+        schedule_gemm_block(sch, info.main, target, post)
+        lanes = base.simd_lanes(target, block.body.buffer.dtype.bits)
         for b in info.pre:
-            base.parallel_vectorize_injective(sch, b, lanes, cores)
-        del k_ext
+            base.parallel_vectorize_injective(sch, b, lanes, base.num_cores(target))
         return sch
+
+
+def is_gemm_block(block) -> bool:
+    kinds = base.iter_kinds(block)
+    if not kinds.endswith("SSR") or kinds.count("R") != 1 or not kinds.startswith("S"):
+        return False
+    ops = base.mac_operands(block)
+    if ops is None:
+        return False
+    store, a, b = ops
+    k = block.iter_vars[-1].var
+    if not all(isinstance(i, tirx.Var) for i in store.indices):
+        return False
+    return all(any(isinstance(i, tirx.Var) and i.same_as(k) for i in op.indices) for op in (a, b))
+
+
+def schedule_gemm_block(sch, main, target: Target, post=()):
+    """Schedule one GEMM block in place (also used for matmuls inside bigger funcs)."""
+    block = sch.get(main)
+    exts = [int(iv.dom.extent) for iv in block.iter_vars]
+    m_ext, n_ext = exts[-3], exts[-2]
+    lanes = base.simd_lanes(target, block.body.buffer.dtype.bits)
+    max_acc = base.num_vector_registers(target) - 8
+    cores = base.num_cores(target)
+
+    ivs = [v.var for v in block.iter_vars]
+    jvar, kvar = ivs[-2], ivs[-1]
+    _store, a, b = base.mac_operands(block)
+    j_operand = next((op for op in (a, b) if any(i.same_as(jvar) for i in op.indices)), b)
+    batch_vars = ivs[:-3]
+    # Batch axes the "weight" operand ignores (e.g. a (L, 1, E) x (E, F) projection) are
+    # really rows: merge them into M so a M=1 batched GEMV becomes one GEMM tile loop.
+    merge_batch = bool(batch_vars) and not any(
+        v.same_as(idx) for v in batch_vars for idx in j_operand.indices)
+    if merge_batch:
+        for e in exts[:-3]:
+            m_ext *= e
+    ji = base.largest_divisor(n_ext, 2 * lanes, lanes) or base.largest_divisor(n_ext, 2 * lanes, 4)
+    if ji == 0:
+        ji = n_ext if n_ext <= 2 * lanes else base.largest_divisor(n_ext, 2 * lanes)
+    j_vecs = max((ji + lanes - 1) // lanes, 1)
+    ii = base.largest_divisor(m_ext, max(max_acc // j_vecs, 1)) or 1
+
+    # "NT" operand (B[.., j, k], e.g. Q @ K^T): a vector over j would be a gather, so
+    # the (jtile x K) panel is repacked as (K x jtile) once per output tile.
+    nt_operand = None
+    for op in (a, b):
+        idx = list(op.indices)
+        if any(isinstance(i, tirx.Var) and i.same_as(jvar) for i in idx) and not idx[-1].same_as(jvar):
+            nt_operand = op
+
+    wb = sch.cache_write(main, 0, "local")
+    loops = sch.get_loops(main)
+    batch, i, j, k = loops[:-3], loops[-3], loops[-2], loops[-1]
+    if merge_batch:
+        i = sch.fuse(*batch, i)
+        batch = []
+    io, iv_ = sch.split(i, [None, ii])
+    jo, jv = sch.split(j, [None, ji])
+    sch.reorder(*batch, jo, io, k, iv_, jv)
+    sch.unroll(iv_)
+    sch.vectorize(jv)
+    outer = sch.fuse(*batch, jo, io)
+    total = 1
+    for e in exts:
+        total *= e
+    if cores > 1 and total >= _MIN_PARALLEL_MACS:
+        sch.parallel(outer)
+    if nt_operand is not None and len(nt_operand.indices) >= 2:
+        try:
+            r_idx = next(n for n, r in enumerate(sch.get(main).reads) if r.source.same_as(nt_operand.source))
+            pc = sch.cache_read(main, r_idx, "global")
+            sch.compute_at(pc, outer)
+            nd = len(nt_operand.indices)
+            jpos = next(n for n, e in enumerate(nt_operand.indices) if e.same_as(jvar))
+            kpos = next(n for n, e in enumerate(nt_operand.indices) if e.same_as(kvar))
+
+            def _swap(*idx, jpos=jpos, kpos=kpos):
+                idx = list(idx)
+                idx[jpos], idx[kpos] = idx[kpos], idx[jpos]
+                return tuple(idx)
+
+            sch.transform_layout(pc, ("write", 0), _swap)
+            del nd
+        except Exception:  # noqa: BLE001 - keep the strided form, still correct
+            pass
+    sch.reverse_compute_at(wb, outer, preserve_unit_loops=True)
+    left = base.fuse_epilogue(sch, wb, list(post))
+    try:
+        sch.vectorize(sch.get_loops(wb)[-1])
+    except Exception:  # noqa: BLE001 - epilogue with a non-vectorizable access
+        pass
+    for b in left:
+        sch.reverse_compute_at(b, outer, preserve_unit_loops=True)
+    sch.decompose_reduction(main, k)
+    return outer

@@ -32,8 +32,9 @@ class RowReduction(base.CPURule):
         n_red = sum("R" in k for k in kinds)
         if n_red == 0 or "R" in kinds[-1]:
             return None
-        # A single-reduction func with an MAC body belongs to matmul / conv rules.
-        if n_red == 1 and info.main is not None and base.mac_operands(sch.get(info.main)) is not None:
+        # Funcs with multiply-accumulate blocks (matmul / conv, or attention = two batch
+        # matmuls around a softmax) belong to the matmul / conv / fallback rules.
+        if any(base.mac_operands(sch.get(b)) is not None for b in info.blocks):
             return None
         try:
             return _DlightReduction().apply(func, target, tunable)

@@ -1,0 +1,108 @@
+"""Calibration: run the float graph on sample data and record activation ranges.
+
+``calibrate(graph, data, method)`` runs ``graph`` eagerly on every batch of ``data`` with
+an fx Interpreter, feeds the value of each observed node to its observer
+(observers.py) and stores the result on the node as ``node.meta["qrange"] = (lo, hi)``,
+which the IR printer shows as ``# range [lo, hi]``. The observed nodes default to the
+activation inputs of every quantizable op (qdq.quantizable_ops), which is all the
+``quantize`` pass needs.
+
+Data items are a tensor or a tuple/list whose first ``len(inputs)`` entries are the graph
+inputs (so ``(x, label)`` pairs from a DataLoader work). A graph captured with a static
+batch cannot run a bigger batch (export bakes the batch into reshapes), so batches are
+split into chunks of the captured batch size when it differs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+
+from graphopt.errors import InputError
+from graphopt.graph import Graph
+from graphopt.passes.quantize.observers import Observer, make_observer
+
+
+def calibration_batches(graph: Graph, data: Iterable[Any]) -> list[tuple[torch.Tensor, ...]]:
+    """Normalize ``data`` into a list of input tuples that fit ``graph``'s input specs."""
+    if data is None:
+        raise InputError("calibration data is None; pass an iterable of input batches")
+    if isinstance(data, torch.Tensor):
+        data = [data]
+    n_inputs = len(graph.input_nodes)
+    static_batch = _static_batch(graph)
+    batches: list[tuple[torch.Tensor, ...]] = []
+    for i, item in enumerate(data):
+        items = (item,) if isinstance(item, torch.Tensor) else tuple(item)
+        if len(items) < n_inputs or not all(isinstance(t, torch.Tensor) for t in items[:n_inputs]):
+            raise InputError(f"calibration item {i}: expected {n_inputs} tensor(s) (the graph inputs), "
+                             f"got {type(item).__name__}")
+        items = items[:n_inputs]
+        batch = items[0].shape[0] if items[0].dim() else None
+        if static_batch is not None and batch is not None and batch != static_batch:
+            if batch % static_batch:
+                raise InputError(f"calibration item {i} has batch {batch}; the graph was captured with a "
+                                 f"static batch of {static_batch} (capture with dynamic_shapes='batch')")
+            batches.extend(zip(*(t.split(static_batch) for t in items)))
+        else:
+            batches.append(items)
+    if not batches:
+        raise InputError("calibration data is empty")
+    for b in batches:
+        graph.validate_inputs(b)
+    return batches
+
+
+def _static_batch(graph: Graph) -> int | None:
+    dims = [n.meta["val"].shape[0] for n in graph.input_nodes if n.meta["val"].dim()]
+    if dims and all(isinstance(d, int) for d in dims):
+        return int(dims[0])
+    return None
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, observers: dict[str, Observer]):
+        super().__init__(gm)
+        self.observers = observers
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        obs = self.observers.get(n.name)
+        if obs is not None and isinstance(out, torch.Tensor) and out.is_floating_point():
+            obs.observe(out)
+        return out
+
+
+def calibrate(graph: Graph, data: Iterable[Any], method: str = "minmax", nodes: Iterable[fx.Node] | None = None,
+              progress: bool = True) -> dict[str, tuple[float, float]]:
+    """Observe ``nodes`` (default: activations feeding quantizable ops) over ``data``.
+
+    Sets ``node.meta["qrange"]`` on each observed node and returns ``{node name: (lo, hi)}``.
+    """
+    from tqdm.auto import tqdm
+
+    from graphopt.passes.quantize.qdq import quantizable_ops
+
+    batches = calibration_batches(graph, data)
+    if nodes is None:
+        targets: dict[str, fx.Node] = {}
+        for op in quantizable_ops(graph):
+            for a in op.activations:
+                targets[a.name] = a
+        nodes = targets.values()
+    nodes = list(nodes)
+    observers = {n.name: make_observer(method) for n in nodes}
+    recorder = _Recorder(graph.gm, observers)
+    with torch.no_grad():
+        for batch in tqdm(batches, desc=f"calibrating ({method})", unit="batch", disable=not progress,
+                          leave=False):
+            recorder.run(*batch)
+    ranges = {}
+    for n in nodes:
+        lo, hi = observers[n.name].range()
+        n.meta["qrange"] = (lo, hi)
+        ranges[n.name] = (lo, hi)
+    graph.annotations["calibration"] = {"method": method, "batches": len(batches)}
+    return ranges

@@ -1,0 +1,124 @@
+"""``quantize``: static/dynamic int8 (QDQ) or fp16/bf16 for conv, linear and matmul.
+
+    quantize{mode=int8,calib=entropy,skip=[fc2],max_error=0.02}
+
+* ``int8``: static. Activation ranges come from calibration (``node.meta["qrange"]``, set
+  by ``graphopt.calibrate`` or, when missing or made by another method, by calibrating on
+  ``graph.annotations["calibration_data"]``, which ``calibration_data=`` of
+  ``graphopt.optimize``/``compile`` fills). Weights: int8, symmetric, per output channel
+  unless ``per_channel=false``. Activations: asymmetric unless ``symmetric=true``.
+* ``dynamic``: int8 weights; activation scales computed per batch at run time (symmetric).
+* ``fp16`` / ``bf16``: the op and its weights in half precision, casts around it.
+* ``skip``: layers kept in float, by module path (``layer1.0.conv1``) or node name; globs
+  allowed (``layer4.*``).
+* ``max_error``: accuracy budget (relative L2 output error vs float on the calibration
+  data, see sensitivity.py); the most sensitive layers stay float until it is met. The
+  sensitivity table is left in ``graph.annotations["quantize_sensitivity"]`` and logged.
+
+The graph after the pass still runs in eager PyTorch (the fake-quant reference); the TVM
+backend turns every QDQ-wrapped op into integer kernels (targets/quantized.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+from graphopt.errors import PassError
+from graphopt.graph import Graph
+from graphopt.passes.quantize.calibrate import calibrate, calibration_batches
+from graphopt.passes.quantize.observers import METHODS
+from graphopt.passes.quantize.qdq import QuantOp, apply_quantization, quantizable_ops
+from graphopt.passes.quantize.sensitivity import choose_float_layers
+from graphopt.passes_base import GraphPass, PassResult, option, register_pass
+
+_log = logging.getLogger(__name__)
+
+# Batches of calibration data the accuracy-aware search evaluates on (it runs the graph
+# 2 + number-of-layers times; the rest of the data only calibrates).
+_EVAL_BATCHES = 64
+
+
+@register_pass
+@dataclass(frozen=True)
+class Quantize(GraphPass):
+    """Quantize conv/linear/matmul to int8 (static or dynamic, as QDQ) or to fp16/bf16."""
+
+    name: ClassVar[str] = "quantize"
+    tolerance: ClassVar[str] = "int8"
+
+    mode: str = option("int8", "int8 (static, calibrated), dynamic (int8 weights, run-time activation "
+                       "scales), fp16 or bf16", choices=("int8", "dynamic", "fp16", "bf16"))
+    calib: str = option("minmax", "calibration method for static int8 activation ranges", choices=METHODS)
+    per_channel: bool = option(True, "one weight scale per output channel (else one per tensor)")
+    symmetric: bool = option(False, "symmetric activations (zero point 0); weights are always symmetric")
+    skip: tuple[str, ...] = option((), "layers kept in float: module paths or node names, globs allowed")
+    max_error: Optional[float] = option(None, "accuracy budget: relative output error vs float on the "
+                                        "calibration data; most sensitive layers stay float until met",
+                                        range=(0.0, 10.0, "(]"))
+
+    def run(self, graph: Graph) -> PassResult:
+        candidates = quantizable_ops(graph)
+        skipped = [op for op in candidates if any(op.matches(p) for p in self.skip)]
+        self._check_skip_patterns(candidates)
+        ops = [op for op in candidates if op not in skipped]
+        if not ops:
+            return PassResult(False, {"quantized": 0, "skipped": len(skipped)})
+        data = graph.annotations.get("calibration_data")
+        if self.mode == "int8":
+            self._ensure_ranges(graph, ops, data)
+        kept_float: list[str] = []  # layers, most sensitive first
+        if self.max_error is not None:
+            kept_nodes = self._accuracy_aware(graph, ops, data)
+            layer_of = {op.node.name: op.layer for op in ops}
+            kept_float = [layer_of[n] for n in kept_nodes]
+            ops = [op for op in ops if op.node.name not in kept_nodes]
+        n = apply_quantization(graph, ops, self.mode, per_channel=self.per_channel, symmetric=self.symmetric)
+        graph.annotations["quantize"] = {
+            "mode": self.mode, "calib": self.calib if self.mode == "int8" else None,
+            "quantized": [op.layer for op in ops], "float": [op.layer for op in skipped] + kept_float}
+        return PassResult(n > 0, {"quantized": n, "skipped": len(skipped), "kept_float": len(kept_float)})
+
+    def _check_skip_patterns(self, candidates: list[QuantOp]) -> None:
+        for pattern in self.skip:
+            if not any(op.matches(pattern) for op in candidates):
+                layers = ", ".join(sorted({op.layer for op in candidates})) or "(none)"
+                raise PassError(f"quantize: skip pattern {pattern!r} matches no quantizable layer; "
+                                f"layers are: {layers}")
+
+    def _ensure_ranges(self, graph: Graph, ops: list[QuantOp], data) -> None:
+        acts = {a.name: a for op in ops for a in op.activations}
+        have = all("qrange" in a.meta for a in acts.values())
+        method = graph.annotations.get("calibration", {}).get("method")
+        if data is not None and (not have or method != self.calib):
+            calibrate(graph, data, self.calib, nodes=acts.values())
+        elif not have:
+            missing = next(a.name for a in acts.values() if "qrange" not in a.meta)
+            raise PassError(f"quantize{{mode=int8}} needs activation ranges (node {missing!r} has none): "
+                            "pass calibration_data= to graphopt.optimize/compile, call "
+                            "graphopt.calibrate(graph, data) first, or use mode=dynamic")
+
+    def _accuracy_aware(self, graph: Graph, ops: list[QuantOp], data) -> list[str]:
+        batches = calibration_batches(graph, data) if data is not None else [graph.example_inputs]
+        batches = batches[:_EVAL_BATCHES]
+        wanted = {op.node.name for op in ops}
+        # the copies the search makes must not deep-copy the calibration data each time
+        saved = graph.annotations.pop("calibration_data", None)
+        try:
+            report = choose_float_layers(
+                graph, ops, self.max_error,
+                lambda g, sub: apply_quantization(g, [o for o in sub if o.node.name in wanted], self.mode,
+                                                  per_channel=self.per_channel, symmetric=self.symmetric),
+                batches)
+        finally:
+            if saved is not None:
+                graph.annotations["calibration_data"] = saved
+        table = report.table()
+        graph.annotations["quantize_sensitivity"] = table
+        graph.annotations["quantize_error"] = report.final_error
+        _log.info("%s", table)
+        if report.final_error > self.max_error:
+            _log.warning("quantize: error %.4g still above max_error=%g with every layer in float",
+                         report.final_error, self.max_error)
+        return report.kept_float
