@@ -142,13 +142,33 @@ class GraphImporter(ExportedProgramImporter):
         raise UnsupportedOpError("graph has no output node")
 
     def _emit_kernel(self, kernel: "Kernel") -> relax.Expr:
-        """Emit ``kernel``'s ops as a private function and call it from the current function."""
+        """Emit ``kernel``'s ops as a private function and call it from the current function.
+
+        Its parameters are the values its members read from outside: their fx inputs, plus
+        any value a converter reaches past them (the integer lowering reads the scale of a
+        dynamic quantization behind the dequantize node), found as free variables of a
+        first emission — a kernel function that used a variable of ``main`` would fail FuseTIR.
+        """
         members = set(kernel.nodes)
         inputs: list[fx.Node] = []
         for m in kernel.nodes:
             for a in m.all_input_nodes:
                 if a not in members and a.op != "get_attr" and a not in inputs:
                     inputs.append(a)
+        func, outer_args = self._kernel_function(kernel, inputs)
+        free = relax.analysis.free_vars(func)
+        if free:
+            outer = [(n, v) for n, v in self.env.items() if isinstance(v, relax.Var)]
+            missing = [next((n for n, v in outer if v.same_as(f)), None) for f in free]
+            if any(n is None for n in missing):
+                raise UnsupportedOpError(f"kernel {kernel.name!r}: a converter read a value that is not "
+                                         "a node of the graph")
+            func, outer_args = self._kernel_function(kernel, inputs + missing)
+        gvar = self.block_builder.add_func(func, kernel.name)
+        return self.block_builder.emit(relax.Call(gvar, outer_args), name_hint=kernel.output.name)
+
+    def _kernel_function(self, kernel: "Kernel", inputs: list[fx.Node]) -> tuple[relax.Function, list]:
+        """(the kernel's private function with ``inputs`` as parameters, the outer arguments)."""
         outer_args = [self.env[a] for a in inputs]
         params = [relax.Var(f"p_{a.name}", arg.ty) for a, arg in zip(inputs, outer_args)]
         outer_bb, sub = self.block_builder, relax.BlockBuilder()
@@ -168,8 +188,7 @@ class GraphImporter(ExportedProgramImporter):
         if len(built.functions) != 1:  # a converter added PrimFuncs of its own (call_te)
             raise UnsupportedOpError(f"kernel {kernel.name!r}: a converter emitted TIR functions directly, "
                                      "which fusion groups do not support yet")
-        gvar = outer_bb.add_func(built[kernel.name], kernel.name)
-        return outer_bb.emit(relax.Call(gvar, outer_args), name_hint=kernel.output.name)
+        return built[kernel.name], outer_args
 
     def _convert(self, node: fx.Node) -> relax.Expr:
         try:

@@ -25,103 +25,33 @@ is lowered literally.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers torch.ops.quantized_decomposed
 import torch.fx as fx
 from tvm import relax
 
+from graphopt.passes.fusion.qdq import IntegerOp, Operand, elided_dequantize, match_integer_op, operand
 from graphopt.targets.lower import register_converter
 
-qd = torch.ops.quantized_decomposed
-aten = torch.ops.aten
 
-_DQ_TENSOR = (qd.dequantize_per_tensor.default, qd.dequantize_per_tensor.tensor)
+def _int8_value(importer, x: Operand) -> relax.Expr:
+    """The int8 Relax value of an activation operand, read through its dequantize node.
 
-
-@dataclass
-class Operand:
-    """One int8 operand of an integer op: the node holding int8 values and its parameters."""
-
-    int8: fx.Node
-    scale: Any  # float, np.ndarray (per channel) or fx.Node (run-time scale)
-    zero_point: Any  # int, or fx.Node (run time; always 0 for our symmetric dynamic mode)
-    axis: int | None = None  # per-channel axis of a weight
-
-
-def _operand(node: Any) -> Operand | None:
-    if not isinstance(node, fx.Node) or node.op != "call_function":
-        return None
-    if node.target in _DQ_TENSOR:
-        x, scale, zp, _qmin, _qmax, dtype = node.args[:6]
-        return Operand(x, scale, zp) if dtype == torch.int8 else None
-    if node.target is qd.dequantize_per_channel.default:
-        x, scale, zp, axis, _qmin, _qmax, dtype = node.args[:7]
-        if dtype != torch.int8 or x.op != "get_attr" or scale.op != "get_attr":
-            return None
-        return Operand(x, scale, zp, axis)
-    return None
+    An integer op's fx inputs are the dequantize nodes, not the int8 producers behind them;
+    inside a fusion-group kernel (targets/lower.py) only the op's fx inputs are parameters,
+    so reading the producer directly would reference a variable of ``main`` (FuseTIR then
+    fails in MapArgsToBuffer). An elided dequantize's value *is* the int8 value.
+    """
+    if x.dequantize is not None and elided_dequantize(x.dequantize):
+        return importer.env[x.dequantize]
+    return importer.env[x.int8]
 
 
 def _const(importer, node: fx.Node) -> np.ndarray:
     """The value of a get_attr node (lower.py turns each into a relax.Constant in env)."""
     return importer.env[node].value.numpy()
-
-
-@dataclass
-class IntegerOp:
-    node: fx.Node
-    kind: str
-    x: Operand
-    w: Operand
-    bias: fx.Node | None
-
-
-def match_integer_op(node: fx.Node) -> IntegerOp | None:
-    """The integer form of ``node`` when it is a QDQ-wrapped conv2d/linear/matmul, else None."""
-    if node.op != "call_function":
-        return None
-    if node.target is aten.conv2d.default:
-        kind = "conv"
-    elif node.target is aten.linear.default:
-        kind = "linear"
-    elif node.target in (aten.mm.default, aten.matmul.default, aten.bmm.default):
-        kind = "matmul"
-    else:
-        return None
-    x, w = _operand(node.args[0]), _operand(node.args[1])
-    if x is None or w is None or x.axis is not None:
-        return None
-    bias = node.args[2] if kind != "matmul" and len(node.args) > 2 else None
-    if bias is not None and (not isinstance(bias, fx.Node) or bias.op != "get_attr"):
-        return None
-    w_is_const = w.int8.op == "get_attr"
-    if w_is_const:
-        expected_axis = {"conv": 0, "linear": 0, "matmul": 1}[kind]
-        if w.axis is not None and w.axis != expected_axis:
-            return None
-    elif not (_is_zero(x.zero_point) and _is_zero(w.zero_point)):
-        return None  # activation x activation products are lowered symmetric only
-    if isinstance(x.zero_point, fx.Node) and bias is not None and not _dynamic_ok(x):
-        return None
-    return IntegerOp(node, kind, x, w, bias)
-
-
-def _is_zero(zp: Any) -> bool:
-    return isinstance(zp, int) and zp == 0 or isinstance(zp, fx.Node) and _is_dynamic_zp(zp)
-
-
-def _is_dynamic_zp(zp: fx.Node) -> bool:
-    # getitem(choose_qparams_symmetric(...), 1): zero by construction
-    src = zp.args[0] if zp.op == "call_function" and zp.args else None
-    return isinstance(src, fx.Node) and src.target is qd.choose_qparams_symmetric.tensor
-
-
-def _dynamic_ok(x: Operand) -> bool:
-    return isinstance(x.zero_point, fx.Node) and _is_dynamic_zp(x.zero_point)
 
 
 # ------------------------------------------------------------------------- relax helpers
@@ -178,17 +108,13 @@ def _convert_choose_qparams(importer, node: fx.Node) -> relax.Expr:
     return relax.Tuple([scale, zp])
 
 
-def _all_users_integer(node: fx.Node) -> bool:
-    return bool(node.users) and all(match_integer_op(u) is not None for u in node.users)
-
-
 @register_converter("dequantize_per_tensor.default")
 @register_converter("dequantize_per_tensor.tensor")
 @register_converter("dequantize_per_channel.default")
 def _convert_dequantize(importer, node: fx.Node) -> relax.Expr:
-    if _all_users_integer(node):
+    if elided_dequantize(node):
         return importer.env[node.args[0]]  # consumers read the int8 value directly
-    op = _operand(node)
+    op = operand(node)
     if op is None:
         raise NotImplementedError(f"dequantize {node.format_node()}")
     x = relax.op.astype(importer.env[op.int8], "float32")
@@ -227,8 +153,7 @@ def _convert_integer_op(importer, node: fx.Node) -> relax.Expr:
         return _base_converter(importer, node)
     if op.w.int8.op != "get_attr":
         return _activation_matmul(importer, op)
-    env = importer.env
-    xq = env[op.x.int8]
+    xq = _int8_value(importer, op.x)
     wq = _const(importer, op.w.int8)
     channel_axis = {"conv": 0, "linear": 0, "matmul": 1}[op.kind]
     channels = wq.shape[channel_axis]
@@ -279,8 +204,8 @@ def _convert_integer_op(importer, node: fx.Node) -> relax.Expr:
 
 def _activation_matmul(importer, op: IntegerOp) -> relax.Expr:
     """int8 activation x int8 activation (both symmetric): matmul to int32, scale by s_a * s_b."""
-    env = importer.env
-    acc = _emit(importer, relax.op.matmul(env[op.x.int8], env[op.w.int8], out_dtype="int32"))
+    acc = _emit(importer, relax.op.matmul(_int8_value(importer, op.x), _int8_value(importer, op.w),
+                                          out_dtype="int32"))
     scale = relax.op.multiply(_scale_expr(importer, op.x.scale), _scale_expr(importer, op.w.scale))
     return _emit(importer, relax.op.multiply(relax.op.astype(acc, "float32"), scale))
 

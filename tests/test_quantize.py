@@ -329,3 +329,48 @@ def test_prune_then_quantize_pipeline(convnet, tmp_path):
     torch.testing.assert_close(out, q(test)[0], rtol=0, atol=4 * float(out.abs().max()) / 127 + 1e-6)
     cm.save(str(tmp_path / "pq"))
     torch.testing.assert_close(graphopt.load(str(tmp_path / "pq"))(test), out, rtol=0, atol=0)
+
+
+def _graph_fused(quantized_graph, target):
+    """The module as fusion mode "graph" builds it: one PrimFunc per kernel the graph names."""
+    import tvm
+    from tvm import relax
+
+    from graphopt.targets.build import fusion_passes
+    from graphopt.targets.lower import lower_to_relax
+
+    _, fuse = fusion_passes("graph")
+    with tvm.target.Target(resolve_target(target).tvm_target()):
+        return tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                         relax.transform.FoldConstant(), *fuse])(lower_to_relax(quantized_graph))
+
+
+@pytest.mark.parametrize("pipeline", ["quantize{mode=int8},fuse", "fuse,quantize{mode=int8}"])
+def test_int8_with_fusion_groups_builds_integer_kernels(convnet, pipeline):
+    # regression: the integer conv read its int8 input past the dequantize node, a value of
+    # ``main`` the group's kernel function did not take, and FuseTIR failed (MapArgsToBuffer)
+    from graphopt.passes.fuse import expected_kernels
+    from graphopt.passes.fusion.groups import node_groups
+    from graphopt.targets.build import kernel_launches
+    from graphopt.targets.lower import lower_to_relax
+
+    model, calib, test = convnet
+    q = graphopt.optimize(model, (test,), pipeline, calibration_data=calib)
+    groups = node_groups(q)
+    assert groups
+    # dequantizes the integer lowering drops are views: in no group and no kernel of their own
+    dq = [n for n in q.call_nodes() if n.target in (qd.dequantize_per_tensor.default,
+                                                    qd.dequantize_per_channel.default)]
+    assert dq and all("fusion_group" not in n.meta for n in dq)
+    if pipeline.startswith("quantize"):  # fuse saw the QDQ form: the next layer's quantize joins the epilogue
+        assert any(m.target is qd.quantize_per_tensor.default for ms in groups.values() for m in ms)
+    assert len(kernel_launches(lower_to_relax(q), resolve_target("x86"), "graph")) == expected_kernels(q)
+    kernels = _integer_kernels(_graph_fused(q, x86_target()))
+    assert len(kernels) == 3, kernels
+    assert all(reads <= {"int8", "int32"} and acc == "int32" for _, reads, acc in kernels)
+
+    cm = graphopt.compile(q, x86_target(), pipeline="none")
+    assert cm.manifest["fusion"] == "graph"
+    out, ref = cm(test), q(test)[0]
+    step = float(ref.abs().max()) / 127
+    assert float((out - ref).abs().max()) <= 4 * step

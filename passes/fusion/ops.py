@@ -13,6 +13,10 @@ Kinds (a node has exactly one):
                     and transposes that only move size-1 dims); the TVM backend emits no
                     kernel for them outside a group;
 * ``opaque``      — everything else (pools, concatenation, ...): never fused.
+
+Quantization nodes (see passes/fusion/qdq.py): ``quantize`` is elementwise (it joins its
+producer's epilogue, so that kernel writes int8); a ``dequantize`` that the integer
+lowering drops (all its users read the int8 values) is a view, any other one elementwise.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import Literal
 
 import torch
 import torch.fx as fx
+
+from graphopt.passes.fusion.qdq import DEQUANTIZE, QUANTIZE, elided_dequantize
 
 aten = torch.ops.aten
 
@@ -75,6 +81,10 @@ def kind(node: fx.Node) -> Kind:
         return "opaque"
     if getattr(node.target, "__name__", "") == "getitem":
         return "view"
+    if node.target in QUANTIZE:
+        return "elementwise"
+    if node.target in DEQUANTIZE:
+        return "view" if elided_dequantize(node) else "elementwise"
     op = _packet(node)
     if op in ANCHORS:
         return "anchor"
