@@ -13,12 +13,15 @@ __version__ = "0.1.0"
 from graphopt import errors  # noqa: E402
 from graphopt.api import compile, optimize  # noqa: E402,A004
 from graphopt.artifact import CompiledModule, load  # noqa: E402
+from graphopt.bisect import bisect  # noqa: E402
 from graphopt.calibrate import calibrate  # noqa: E402
 from graphopt.capture import capture  # noqa: E402
 from graphopt.finetune import finetune  # noqa: E402
 from graphopt.graph import Graph, GraphSummary  # noqa: E402
 from graphopt.passes_base import GraphPass, PassResult, option, register_pass  # noqa: E402
 from graphopt.pipeline import Pipeline  # noqa: E402
+from graphopt.targets.tuning import RPC, Tune  # noqa: E402
 
-__all__ = ["capture", "optimize", "compile", "load", "Graph", "GraphSummary", "Pipeline", "GraphPass",
-           "PassResult", "option", "register_pass", "CompiledModule", "errors", "finetune", "calibrate", "__version__"]
+__all__ = ["capture", "optimize", "compile", "load", "calibrate", "finetune", "bisect", "Tune", "RPC", "Graph",
+           "GraphSummary", "Pipeline", "GraphPass", "PassResult", "option", "register_pass", "CompiledModule",
+           "errors", "__version__"]

@@ -125,6 +125,16 @@ class CompiledModule:
             if not isinstance(x, np.ndarray):
                 raise InputError(f"input {spec.name!r}: expected a torch.Tensor or numpy array, "
                                  f"got {type(x).__name__}")
+            if any(isinstance(d, str) for d in spec.shape):
+                # symbolic (dynamic) dims accept any size; say which ones, in the message too
+                shown = "(" + ", ".join(f"{d}=any" if isinstance(d, str) else str(d) for d in spec.shape) + ")"
+                if len(x.shape) != len(spec.shape):
+                    raise InputError(f"input {spec.name!r}: expected rank {len(spec.shape)} (shape {shown}), "
+                                     f"got rank {x.ndim} (shape {tuple(x.shape)})")
+                for axis, (want, got) in enumerate(zip(spec.shape, x.shape)):
+                    if isinstance(want, int) and want != got:
+                        raise InputError(f"input {spec.name!r}: expected shape {shown}, got {tuple(x.shape)} "
+                                         f"(dimension {axis} must be {want}; only the symbolic dimensions vary)")
             check_shape(spec, tuple(x.shape), str(x.dtype))
             for want, got in zip(spec.shape, x.shape):
                 if isinstance(want, str):

@@ -133,6 +133,53 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_drop(text: str) -> float:
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise InputError(f"--max-drop {text!r}: expected a fraction (0.01) or a percentage (1%)") from None
+
+
+def _explore_data(spec: str, example):
+    """(evaluation (x, y), training batches or None) from --data: 'digits' or FILE.npz."""
+    import torch
+
+    if spec == "digits":
+        from graphopt.models import load_digits_split
+
+        xtr, ytr, xte, yte = load_digits_split(image=example.dim() == 4)
+    else:
+        try:
+            data = np.load(spec, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise InputError(f"--data {spec}: {e}") from None
+        if "x" not in data or "y" not in data:
+            raise InputError(f"--data {spec}: expected arrays 'x' and 'y' (and optionally 'x_train', 'y_train')")
+        xte, yte = torch.from_numpy(data["x"]), torch.from_numpy(data["y"])
+        xtr = torch.from_numpy(data["x_train"]) if "x_train" in data else None
+        ytr = torch.from_numpy(data["y_train"]) if "y_train" in data else None
+    train = None if xtr is None else [(xtr[i:i + 64], ytr[i:i + 64]) for i in range(0, len(xtr), 64)]
+    return (xte, yte), train, (xtr if xtr is not None else xte)
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    from graphopt.explore import explore
+    from graphopt.model_spec import load_model
+
+    model, inputs, name = load_model(args.model, args.input_shape)
+    evaluation, train, pool = _explore_data(args.data, inputs[0])
+    batch = inputs[0].shape[0]
+    calib = [pool[i:i + batch] for i in range(0, min(len(pool), 64 * batch), batch)]
+    result = explore(model, (evaluation[0][:batch],), args.target, evaluate=evaluation,
+                     max_accuracy_drop=_parse_drop(args.max_drop), budget=args.budget,
+                     train_data=train if args.finetune else None, calibration_data=calib,
+                     cache_dir=args.cache, report_dir=args.report)
+    print(result)
+    if result.report:
+        print(f"\nreport: {result.report}")
+    return 0 if result.chosen is not None else 1
+
+
 def cmd_passes(args: argparse.Namespace) -> int:
     from graphopt.passes_base import registered_passes
 
@@ -153,6 +200,46 @@ def cmd_targets(args: argparse.Namespace) -> int:
         print(f"{name:15s} {spec.description}")
         print(f"{'':15s} {json.dumps(spec.tvm)}" + (f" host={json.dumps(spec.host)}" if spec.host else ""))
     print("\nalso: cuda:sm_XX for any CUDA architecture, or a TVM target dict as JSON")
+    return 0
+
+
+def cmd_bisect(args: argparse.Namespace) -> int:
+    import graphopt
+    from graphopt.model_spec import load_model
+
+    model, inputs, _ = load_model(args.model, args.input_shape)
+    result = graphopt.bisect(model, inputs, args.pipeline, target=args.target)
+    print(result)
+    return 1 if result.found else 0
+
+
+def cmd_fuzz(args: argparse.Namespace) -> int:
+    from graphopt.fuzz.__main__ import run
+
+    return run(args)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import graphopt
+    from graphopt.model_spec import load_model
+    from graphopt.targets.tuning import RPC, Tune
+
+    if bool(args.rpc_key) != bool(args.tracker):
+        raise InputError("--rpc-key and --tracker go together (the device's key and the tracker's HOST:PORT)")
+    model, inputs, name = load_model(args.model, args.input_shape)
+    tune = Tune(trials=args.trials, time_budget=args.time_budget, db=args.db,
+                rpc=RPC(args.rpc_key, args.tracker) if args.rpc_key else None)
+    module = graphopt.compile(model, args.target, inputs, args.pipeline, tune=tune)
+    log = tune.log
+    print(f"tuned {name} for {module.target_name}: {log.tasks} tasks ({log.tasks_done_before} already in the "
+          f"database), {log.measured} measurements ({log.baselines_measured} rule baselines) in {log.tuning_s:.1f} s")
+    if log.best_ms is not None:
+        print(f"  estimated kernel time {log.best_ms:.3f} ms" + (" (stopped by --time-budget)"
+                                                                 if log.stopped_by_time_budget else ""))
+    print(f"  records: {log.database}")
+    if args.output:
+        module.save(args.output)
+        print(f"  artifact: {args.output}")
     return 0
 
 
@@ -190,6 +277,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ir", action="store_true", help="also print the graph's IR text")
     p.set_defaults(fn=cmd_inspect)
 
+    p = sub.add_parser("bisect", help="find the first pass (and node) where a model's numbers leave tolerance")
+    _add_model_args(p)
+    p.add_argument("--target", help="also build for this target and check the backend")
+    p.set_defaults(fn=cmd_bisect)
+
+    p = sub.add_parser("fuzz", help="differential fuzzing with random models against eager PyTorch")
+    from graphopt.fuzz.__main__ import add_arguments as add_fuzz_arguments
+
+    add_fuzz_arguments(p)
+    p.set_defaults(fn=cmd_fuzz)
+
+    p = sub.add_parser("tune", help="autotune a model with MetaSchedule into a tuning database")
+    _add_model_args(p)
+    p.add_argument("--target", default="x86", help="target name (see `graphopt targets`) or a TVM target dict as JSON")
+    p.add_argument("--trials", type=int, default=64, help="measurements for the whole model (default: %(default)s)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop searching after this long")
+    p.add_argument("--db", default="graphopt-tuning", help="tuning database folder (default: %(default)s)")
+    p.add_argument("--rpc-key", metavar="KEY", help="measure on the RPC device registered under KEY")
+    p.add_argument("--tracker", metavar="HOST:PORT", help="the RPC tracker that knows --rpc-key")
+    p.add_argument("-o", "--output", help="also write the tuned artifact here")
+    p.set_defaults(fn=cmd_tune)
+
+    p = sub.add_parser("explore", help="search pipelines for the best accuracy/latency/size trade-off")
+    _add_model_args(p)
+    p.add_argument("--target", default="x86")
+    p.add_argument("--data", required=True, help="'digits' (scikit-learn's bundled digits) or FILE.npz with "
+                   "arrays x, y (evaluation) and optionally x_train, y_train (pruning + distillation)")
+    p.add_argument("--max-drop", default="1%", help="allowed accuracy drop: 1%% or 0.01 (default %(default)s)")
+    p.add_argument("--budget", type=float, help="stop starting candidates after this many seconds")
+    p.add_argument("--no-finetune", dest="finetune", action="store_false",
+                   help="skip the pruning candidates (they need training data for distillation)")
+    p.add_argument("--cache", default=".graphopt-explore", help="candidate cache folder (resume)")
+    p.add_argument("--report", default="explore_report", help="folder for report.md and plots")
+    p.set_defaults(fn=cmd_explore)
+
     p = sub.add_parser("passes", help="list the passes and their options")
     p.set_defaults(fn=cmd_passes)
     p = sub.add_parser("targets", help="list the target presets")
@@ -214,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `graphopt targets | head`: the reader left, nothing went wrong
+        return 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 import torch.fx as fx
 
 from graphopt.graph import Graph
@@ -29,6 +30,20 @@ def _same_type(a: fx.Node, b: fx.Node) -> bool:
             and tuple(va.shape) == tuple(vb.shape) and va.dtype == vb.dtype)
 
 
+def _keeps_layout(node: fx.Node, src: fx.Node) -> bool:
+    """A copy with ``memory_format`` is a no-op only when ``src`` already has that layout
+    (export writes ``flatten`` of a permuted tensor as ``clone(contiguous) -> _unsafe_view``;
+    fuzz seeds 135 and 139)."""
+    fmt = node.kwargs.get("memory_format")
+    if fmt is None or fmt == torch.preserve_format:
+        return True
+    val = src.meta.get("val")
+    try:
+        return bool(val.is_contiguous(memory_format=fmt))
+    except Exception:  # undecidable symbolic strides, or no meta: keep the copy
+        return False
+
+
 def forwarded_input(node: fx.Node) -> fx.Node | None:
     """The input ``node`` passes through unchanged, or None if it does real work."""
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
@@ -37,6 +52,8 @@ def forwarded_input(node: fx.Node) -> fx.Node | None:
     if is_op(node, *_COPIES, aten.dropout) and _same_type(node, src):
         if is_op(node, aten.dropout) and (len(node.args) > 2 and node.args[2]):
             return None  # dropout in training mode is random, not a no-op
+        if not _keeps_layout(node, src):
+            return None  # a copy into another memory format: views after it rely on the new strides
         return src
     if is_op(node, *_RESHAPES) and _same_type(node, src):
         return src

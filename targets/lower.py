@@ -155,7 +155,7 @@ class GraphImporter(ExportedProgramImporter):
             for a in m.all_input_nodes:
                 if a not in members and a.op != "get_attr" and a not in inputs:
                     inputs.append(a)
-        func, outer_args = self._kernel_function(kernel, inputs)
+        func, outer_args, constant_fields = self._kernel_function(kernel, inputs)
         free = relax.analysis.free_vars(func)
         if free:
             outer = [(n, v) for n, v in self.env.items() if isinstance(v, relax.Var)]
@@ -163,12 +163,30 @@ class GraphImporter(ExportedProgramImporter):
             if any(n is None for n in missing):
                 raise UnsupportedOpError(f"kernel {kernel.name!r}: a converter read a value that is not "
                                          "a node of the graph")
-            func, outer_args = self._kernel_function(kernel, inputs + missing)
+            func, outer_args, constant_fields = self._kernel_function(kernel, inputs + missing)
         gvar = self.block_builder.add_func(func, kernel.name)
-        return self.block_builder.emit(relax.Call(gvar, outer_args), name_hint=kernel.output.name)
+        call = relax.Call(gvar, outer_args)
+        if not constant_fields:
+            return self.block_builder.emit(call, name_hint=kernel.output.name)
+        # rebuild the tuple output in the caller: the kernel returned only its computed fields
+        computed = self.block_builder.emit(call, name_hint=f"{kernel.output.name}_computed")
+        if isinstance(func.ret_ty, relax.TupleType):
+            parts = iter([relax.TupleGetItem(computed, j) for j in range(len(func.ret_ty.fields))])
+        else:
+            parts = iter([computed])
+        arity = len(constant_fields) + (len(func.ret_ty.fields) if isinstance(func.ret_ty, relax.TupleType) else 1)
+        fields = [constant_fields[i] if i in constant_fields else next(parts) for i in range(arity)]
+        return self.block_builder.emit(relax.Tuple(fields), name_hint=kernel.output.name)
 
-    def _kernel_function(self, kernel: "Kernel", inputs: list[fx.Node]) -> tuple[relax.Function, list]:
-        """(the kernel's private function with ``inputs`` as parameters, the outer arguments)."""
+    def _kernel_function(self, kernel: "Kernel", inputs: list[fx.Node]) -> tuple[relax.Function, list, dict]:
+        """(the kernel's private function with ``inputs`` as parameters, the outer arguments,
+        {field index: constant} of a tuple output's constant fields, which the function omits).
+
+        A tuple output can hold a constant (``choose_qparams``' zero point): the build lifts
+        constants of a Primitive function to parameters, and FuseTIR reads a function that
+        returns one of its parameters as an in-place kernel ("There must be an in-place index
+        specified for each output"). So only the computed fields are returned.
+        """
         outer_args = [self.env[a] for a in inputs]
         params = [relax.Var(f"p_{a.name}", arg.ty) for a, arg in zip(inputs, outer_args)]
         outer_bb, sub = self.block_builder, relax.BlockBuilder()
@@ -179,16 +197,21 @@ class GraphImporter(ExportedProgramImporter):
                 with sub.dataflow():
                     for m in kernel.nodes:
                         self.env[m] = self._convert(m)
-                    out = sub.emit_output(self.env[kernel.output])
+                    out, constant_fields = _split_constant_fields(self.env[kernel.output])
+                    out = sub.emit_output(out)
                 sub.emit_func_output(out)
         finally:
             self.block_builder = outer_bb
             self.env.update(zip(inputs, outer_args))
         built = sub.get()
-        if len(built.functions) != 1:  # a converter added PrimFuncs of its own (call_te)
-            raise UnsupportedOpError(f"kernel {kernel.name!r}: a converter emitted TIR functions directly, "
-                                     "which fusion groups do not support yet")
-        return built[kernel.name], outer_args
+        func = built[kernel.name]
+        # PrimFuncs a converter emitted itself (emit_te, e.g. the NaN-propagating max pool) move
+        # to the module being built; the kernel's call_tir calls are pointed at their new names
+        moved = {gvar: outer_bb.add_func(f, gvar.name_hint) for gvar, f in built.functions.items()
+                 if gvar.name_hint != kernel.name}
+        if moved:
+            func = _RenameGlobals(moved).visit_expr(func)
+        return func, outer_args, constant_fields
 
     def _convert(self, node: fx.Node) -> relax.Expr:
         try:
@@ -200,6 +223,32 @@ class GraphImporter(ExportedProgramImporter):
             raise UnsupportedOpError(
                 f"operator {node.target} (node {node.name!r}, from {source_location(node)}) could not be "
                 f"lowered to TVM with these arguments: {msg[-1] if msg else type(e).__name__}") from e
+
+
+@relax.expr_functor.mutator
+class _RenameGlobals(relax.PyExprMutator):
+    """Replace GlobalVars by the ones ``renamed`` maps them to."""
+
+    def __init__(self, renamed: dict):
+        super().__init__()
+        self.renamed = renamed
+
+    def visit_global_var_(self, op):
+        for old, new in self.renamed.items():
+            if old.same_as(op):
+                return new
+        return op
+
+
+def _split_constant_fields(out: relax.Expr) -> tuple[relax.Expr, dict[int, relax.Expr]]:
+    """(``out`` without the constant fields of a tuple, {field index: constant})."""
+    if not isinstance(out, relax.Tuple):
+        return out, {}
+    constants = {i: f for i, f in enumerate(out.fields) if isinstance(f, tvm.ir.expr.Constant)}
+    if not constants or len(constants) == len(out.fields):
+        return out, {}
+    computed = [f for i, f in enumerate(out.fields) if i not in constants]
+    return (computed[0] if len(computed) == 1 else relax.Tuple(computed)), constants
 
 
 # Attribute on the private Relax function of one kernel: its fusion group id, or -1 for an

@@ -374,3 +374,27 @@ def test_int8_with_fusion_groups_builds_integer_kernels(convnet, pipeline):
     out, ref = cm(test), q(test)[0]
     step = float(ref.abs().max()) / 127
     assert float((out - ref).abs().max()) <= 4 * step
+
+
+@pytest.mark.parametrize("pipeline", ["fold,quantize{mode=dynamic},fuse", "fold,fuse,quantize{mode=dynamic}"])
+def test_dynamic_mode_with_fusion_groups_compiles(pipeline):
+    # regression: choose_qparams' kernel returned (scale, zero-point constant); the build lifted
+    # the constant to a parameter, FuseTIR read "returns a parameter" as an in-place kernel and
+    # failed ("There must be an in-place index specified for each output")
+    from graphopt.passes.fuse import expected_kernels
+    from graphopt.passes.fusion.groups import node_groups
+    from graphopt.targets.build import kernel_launches
+    from graphopt.targets.lower import lower_to_relax
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(4, 16)
+    q = graphopt.optimize(model, (x,), pipeline)
+    assert _count(q, qd.choose_qparams_symmetric.tensor) == 2 and node_groups(q)
+    assert len(kernel_launches(lower_to_relax(q), resolve_target("x86"), "graph")) == expected_kernels(q)
+    cm = graphopt.compile(q, x86_target(), pipeline="none")
+    assert cm.manifest["fusion"] == "graph"
+    out, ref = cm(x), q(x)[0]
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)) >= 0.999
+    assert _sqnr_db(model(x).detach(), out) >= 25

@@ -65,7 +65,9 @@ class Grouping:
         self.max_group_size = max_group_size
         self.groups: dict[int, Group] = {}
         self.group_of: dict[fx.Node, int] = {}
-        # The condensed DAG: vertex = node name, or ("group", gid) once a group exists.
+        self._next_gid = 0  # never reused: a dissolved group's id must not name a new one
+        # The condensed DAG: vertex = node name, or ("group", gid) for exactly the current
+        # members of group gid (a node leaving a group gets its own vertex back).
         self.dag: nx.DiGraph = graph.to_networkx()
         self.vertex: dict[fx.Node, object] = {n: n.name for n in graph.nodes if n.op != "get_attr"}
 
@@ -108,7 +110,8 @@ class Grouping:
 
     # --------------------------------------------------------------- changes
     def new_group(self, pattern: str, seed: fx.Node) -> int:
-        gid = len(self.groups)
+        gid = self._next_gid
+        self._next_gid += 1
         self.groups[gid] = Group(gid, pattern, {seed})
         self.group_of[seed] = gid
         v = self.vertex[seed]
@@ -124,14 +127,41 @@ class Grouping:
         self.group_of[node] = gid
 
     def dissolve(self, gid: int) -> None:
-        """Forget a group (the DAG keeps it contracted: that is only ever more conservative)."""
-        for m in self.groups.pop(gid).members:
+        """Forget a group; its members become free nodes again (own DAG vertices)."""
+        members = self.groups.pop(gid).members
+        for m in members:
             del self.group_of[m]
+        self._split_off(gid, members, remaining=set())
 
     def remove_member(self, gid: int, node: fx.Node) -> None:
         """Drop a trailing member (a view at the output end; it stays free outside the group)."""
         self.groups[gid].members.discard(node)
         del self.group_of[node]
+        self._split_off(gid, {node}, remaining=self.groups[gid].members)
+
+    def _split_off(self, gid: int, leaving: set[fx.Node], remaining: set[fx.Node]) -> None:
+        """Undo the contraction of ``leaving`` into ``("group", gid)``.
+
+        Leaving a node inside the group's vertex would be conservative for the cycle
+        check, but it breaks the vertex map: once that node joins or seeds another group,
+        contracting or relabelling its vertex swallows (and so deletes) the old group's
+        vertex. So the departed nodes get their own vertices and the edges of everything
+        touched are re-derived from the fx graph.
+        """
+        g = ("group", gid)
+        for n in leaving:
+            self.vertex[n] = n.name
+        if remaining:
+            self.dag.remove_edges_from(list(self.dag.in_edges(g)) + list(self.dag.out_edges(g)))
+        else:
+            self.dag.remove_node(g)
+        self.dag.add_nodes_from(n.name for n in leaving)
+        for m in (*remaining, *leaving):
+            v = self.vertex[m]
+            self.dag.add_edges_from((self.vertex[p], v) for p in m.all_input_nodes
+                                    if p in self.vertex and self.vertex[p] != v)
+            self.dag.add_edges_from((v, self.vertex[u]) for u in m.users
+                                    if u in self.vertex and self.vertex[u] != v)
 
 
 def node_groups(graph) -> dict[int, list[fx.Node]]:

@@ -1,0 +1,17 @@
+"""Differential fuzzing of graphopt against eager PyTorch.
+
+* :mod:`graphopt.fuzz.generator` — seeded, valid-by-construction random models (GraphSpec);
+* :mod:`graphopt.fuzz.harness` — runs them through capture, each pass alone, a pipeline
+  and a target build, and compares with eager on the tolerance ladder;
+* :mod:`graphopt.fuzz.minimize` — shrinks a failure to a few ops and prints a reproducer.
+
+Long campaigns: ``python -m graphopt.fuzz --graphs 5000`` (or ``graphopt fuzz``).
+"""
+
+from graphopt.fuzz.generator import GraphSpec, Op, generate
+from graphopt.fuzz.harness import (Case, Comparison, Failure, Report, Stage, check_spec, compare,
+                                   default_stages, fuzz, pass_stages, stage_named)
+from graphopt.fuzz.minimize import minimize, reproducer
+
+__all__ = ["GraphSpec", "Op", "generate", "Case", "Comparison", "Failure", "Report", "Stage", "check_spec",
+           "compare", "default_stages", "fuzz", "pass_stages", "stage_named", "minimize", "reproducer"]

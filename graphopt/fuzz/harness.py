@@ -1,0 +1,422 @@
+"""Differential testing: every random model, through every stage, against eager PyTorch.
+
+A *stage* is one way of processing a captured graph whose numbers we can predict:
+
+* ``capture`` — the captured graph run as PyTorch must match the model it came from;
+* ``pass:NAME`` — each registered pass alone (picked up from the registry, so passes
+  added later are fuzzed too), held to its own rung of the tolerance ladder
+  (``graphopt.passes_base.TOLERANCES``, docs/TOLERANCES.md) against the graph before it;
+  a lossy pass with a ``ratio`` option is also run with ``ratio=0``, which must be exact;
+* ``pipeline:TEXT`` — a whole pipeline, held to its loosest pass's rung;
+* ``build:TARGET`` — ``graphopt.compile`` for a target that runs on this machine, held
+  to the fp32 rung against eager PyTorch.
+
+Numbers are compared by :func:`compare`: ``exact`` means bit-identical (NaNs in the same
+places); ``algebraic``/``half`` mean ``allclose`` with the rung's rtol and an atol scaled
+by the output's magnitude, and when that fails a float64 run of the model decides: the
+result passes if it is no further from the float64 truth than twice eager fp32's own
+error (plus atol) — a different but equally good rounding is not a bug. ``int8`` and
+``lossy`` rungs change numbers on purpose; there the fuzzer checks shapes, dtypes and
+that no NaN/inf appears where eager had none.
+
+Any exception a stage raises is a ``crash`` failure; generated models are valid by
+construction, so there is no "unsupported" excuse.
+
+Capture and build have a large fixed cost, so a :class:`Case` holds several models side by
+side in one module (one capture, one build); outputs are split per model again when
+comparing, so a failure still names its seed. A stage that raises on a batch is re-run
+model by model to find the culprit.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from graphopt.fuzz.generator import GraphSpec, generate
+from graphopt.passes_base import TOLERANCES, registered_passes
+
+# The ladder's rungs from strictest to loosest: a pipeline sits on its loosest pass's rung.
+RUNGS = ("exact", "algebraic", "half", "int8", "lossy")
+
+
+# ----------------------------------------------------------------------------- comparing
+@dataclass
+class Comparison:
+    ok: bool
+    error: float  # worst max-abs difference over the outputs
+    message: str = ""
+
+
+def _as_tuple(x: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(x, (tuple, list)):
+        return tuple(torch.as_tensor(t) for t in x)
+    return (torch.as_tensor(x),)
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    d = (a.double() - b.double()).abs()
+    d = torch.where(a.isnan() & b.isnan(), torch.zeros_like(d), d)
+    return float(d.nan_to_num(nan=math.inf).max())
+
+
+def compare(expected: Any, actual: Any, tolerance: str,
+            truth: Sequence[torch.Tensor] | None = None) -> Comparison:
+    """Is ``actual`` within the ``tolerance`` rung of ``expected``? (see the module docstring)
+
+    ``truth`` is the float64 result of the same computation, used as the fallback judge.
+    """
+    exp, act = _as_tuple(expected), _as_tuple(actual)
+    if len(exp) != len(act):
+        return Comparison(False, math.inf, f"{len(act)} outputs, expected {len(exp)}")
+    worst, problems = 0.0, []
+    for i, (e, a) in enumerate(zip(exp, act)):
+        if tuple(e.shape) != tuple(a.shape) or e.dtype != a.dtype:
+            return Comparison(False, math.inf, f"output {i} is {a.dtype}{list(a.shape)}, "
+                                               f"expected {e.dtype}{list(e.shape)}")
+        err = max_abs(e, a)
+        worst = max(worst, err)
+        if tolerance == "exact":
+            same = torch.equal(e.isnan(), a.isnan()) and torch.equal(e.nan_to_num(0.0), a.nan_to_num(0.0))
+            if not same:
+                problems.append(f"output {i} is not bit-identical (max abs error {err:.3g})")
+            continue
+        rtol, atol = TOLERANCES[tolerance]
+        if math.isinf(rtol):  # int8 / lossy: numbers change on purpose; structure must not
+            new_bad = (~a.isfinite() & e.isfinite()).sum().item() if a.is_floating_point() else 0
+            if new_bad:
+                problems.append(f"output {i} has {new_bad} NaN/inf values where the reference is finite")
+            continue
+        scale = max(1.0, float(e.double().abs().nan_to_num(0.0).max()) if e.numel() else 1.0)
+        if torch.allclose(a.double(), e.double(), rtol=rtol, atol=atol * scale, equal_nan=True):
+            continue
+        if truth is not None:
+            t = truth[i].double()
+            ours, eager = max_abs(t, a), max_abs(t, e)
+            if ours <= 2 * eager + atol * scale:
+                continue
+            problems.append(f"output {i} max abs error {err:.3g} exceeds rtol={rtol:g}, atol={atol * scale:.3g} "
+                            f"(vs float64: ours {ours:.3g}, eager fp32 {eager:.3g})")
+        else:
+            problems.append(f"output {i} max abs error {err:.3g} exceeds rtol={rtol:g}, atol={atol * scale:.3g}")
+    return Comparison(not problems, worst, "; ".join(problems))
+
+
+# The backend running an int8 graph must match the graph run by PyTorch to this SQNR.
+INT8_BUILD_MIN_SQNR_DB = 20.0
+
+
+def _int8_close(expected: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]) -> Comparison:
+    from graphopt.testing import sqnr_db
+
+    shape = compare(expected, actual, "int8")
+    if not shape.ok:
+        return shape
+    worst = min((sqnr_db(e, a) for e, a in zip(expected, actual)), default=math.inf)
+    if worst < INT8_BUILD_MIN_SQNR_DB:
+        return Comparison(False, shape.error, f"SQNR {worst:.1f} dB < {INT8_BUILD_MIN_SQNR_DB:g} dB")
+    return shape
+
+
+def loosest(rungs: Iterable[str]) -> str:
+    return max(rungs, key=RUNGS.index, default="exact")
+
+
+# ------------------------------------------------------------------------------- stages
+@dataclass(frozen=True)
+class Stage:
+    """``kind`` is capture, pass, pipeline or build; ``text`` the pipeline; ``target`` for builds."""
+
+    kind: str
+    text: str = ""
+    tolerance: str = "exact"
+    target: str | None = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "capture":
+            return "capture"
+        if self.kind == "build":
+            return f"build:{self.target}[{self.text}]"
+        return f"{self.kind}:{self.text}"
+
+
+def pipeline_tolerance(text: str) -> str:
+    from graphopt.pipeline import Pipeline
+
+    return loosest(p.tolerance for p in Pipeline.parse(text).passes)
+
+
+def pass_stages(names: Sequence[str] | None = None) -> list[Stage]:
+    """One stage per registered pass (or per name given), plus ``ratio=0`` runs of lossy passes."""
+    stages = []
+    for name, cls in registered_passes().items():
+        if names is not None and name not in names:
+            continue
+        stages.append(Stage("pass", name, cls.tolerance))
+        if cls.tolerance == "lossy" and any(o.name == "ratio" for o in cls.options()):
+            stages.append(Stage("pass", f"{name}{{ratio=0.0}}", "exact"))
+    return stages
+
+
+def default_stages(passes: Sequence[str] | None = None, pipeline: str | None = "default",
+                   target: str | None = "x86") -> list[Stage]:
+    stages = [Stage("capture", tolerance="algebraic"), *pass_stages(passes)]
+    if pipeline:
+        stages.append(Stage("pipeline", pipeline, pipeline_tolerance(pipeline)))
+    if target:
+        stages.append(Stage("build", pipeline or "none", loosest(["algebraic", pipeline_tolerance(pipeline or "none")]),
+                            target))
+    return stages
+
+
+# ------------------------------------------------------------------------------- a case
+@dataclass
+class Failure:
+    seed: int
+    stage: str
+    kind: str  # "mismatch" or "crash"
+    message: str
+    spec: GraphSpec
+    minimized: GraphSpec | None = None
+
+    def reproducer(self) -> str:
+        from graphopt.fuzz.minimize import reproducer
+
+        return reproducer(self)
+
+
+class _Batch(torch.nn.Module):
+    """Several generated models side by side in one module: one capture, one build for all."""
+
+    def __init__(self, specs: Sequence[GraphSpec]):
+        super().__init__()
+        self.models = torch.nn.ModuleList(spec.build() for spec in specs)
+        self.arity = [len(spec.inputs) for spec in specs]
+
+    def forward(self, *xs: torch.Tensor):
+        outs: list[torch.Tensor] = []
+        start = 0
+        for model, n in zip(self.models, self.arity):
+            outs.extend(model(*xs[start:start + n]))
+            start += n
+        return tuple(outs)
+
+
+class Case:
+    """Generated models captured as one graph, with eager and float64 reference outputs.
+
+    Several specs share one capture and one build (both have a large fixed cost); their
+    outputs are told apart again when comparing, so a failure names its seed.
+    """
+
+    def __init__(self, specs: "GraphSpec | Sequence[GraphSpec]"):
+        self.specs = [specs] if isinstance(specs, GraphSpec) else list(specs)
+        self.model = _Batch(self.specs).eval()
+        self.inputs = tuple(x for spec in self.specs for x in spec.example_inputs())
+        with torch.no_grad():
+            self.eager = _as_tuple(self.model(*self.inputs))
+        self.slices, start = [], 0
+        for spec in self.specs:
+            self.slices.append(slice(start, start + len(spec.outputs)))
+            start += len(spec.outputs)
+        self._truth: tuple[torch.Tensor, ...] | None = None
+        self._reference: tuple[torch.Tensor, ...] | None = None  # the captured graph's outputs
+        self.graph = None
+
+    @property
+    def spec(self) -> GraphSpec:
+        return self.specs[0]
+
+    @property
+    def truth(self) -> tuple[torch.Tensor, ...]:
+        """The models run in float64: the judge when fp32 results differ."""
+        if self._truth is None:
+            m64 = copy.deepcopy(self.model).double()
+            with torch.no_grad():
+                self._truth = _as_tuple(m64(*[x.double() for x in self.inputs]))
+        return self._truth
+
+    def calibration_data(self) -> list[tuple[torch.Tensor, ...]]:
+        g = torch.Generator().manual_seed(self.spec.seed + 7)
+        return [tuple(torch.randn(x.shape, generator=g) for x in self.inputs) for _ in range(4)]
+
+    def _per_spec(self, expected: Sequence[torch.Tensor], actual: Sequence[torch.Tensor], tolerance: str,
+                  truth: Sequence[torch.Tensor] | None) -> list[Comparison]:
+        if len(expected) != len(actual):
+            return [Comparison(False, math.inf, f"{len(actual)} outputs, expected {len(expected)}")] * len(self.specs)
+        return [compare(expected[s], actual[s], tolerance, truth[s] if truth is not None else None)
+                for s in self.slices]
+
+    def _capture(self):
+        import graphopt
+
+        if self.graph is None:
+            self.graph = graphopt.capture(self.model, self.inputs, name=f"fuzz{self.spec.seed}")
+        return self.graph
+
+    def run_stage(self, stage: Stage) -> list[Comparison]:
+        """Run one stage; one Comparison per spec. Exceptions propagate (crashes)."""
+        import graphopt
+        from graphopt.pipeline import Pipeline
+
+        if stage.kind == "capture":
+            graph = self._capture()
+            return self._per_spec(self.eager, graph(*self.inputs), stage.tolerance, self.truth)
+        graph = self._capture().copy()
+        graph.annotations["calibration_data"] = self.calibration_data()
+        if stage.kind in ("pass", "pipeline"):
+            if self._reference is None:
+                self._reference = self.graph(*self.inputs)
+            reference = self._reference
+            out = Pipeline.parse(stage.text).run(graph)
+            out.check()
+            truth = self.truth if stage.tolerance in ("algebraic", "half") else None
+            return self._per_spec(reference, out(*self.inputs), stage.tolerance, truth)
+        if stage.kind == "build":
+            module = graphopt.compile(graph, stage.target, pipeline=stage.text,
+                                      calibration_data=graph.annotations["calibration_data"])
+            actual = _as_tuple(module(*self.inputs))
+            if stage.tolerance in ("int8", "lossy"):  # judge the backend against the optimized graph
+                expected = module.graph(*self.inputs)
+                results = self._per_spec(expected, actual, "algebraic", _float64_run(module.graph, self.inputs))
+                if "int8" in (p.tolerance for p in Pipeline.parse(stage.text).passes):
+                    # integer kernels may round differently from PyTorch's: SQNR, per spec
+                    results = [r if r.ok else _int8_close(expected[s], actual[s])
+                               for r, s in zip(results, self.slices)]
+                return results
+            return self._per_spec(self.eager, actual, stage.tolerance, self.truth)
+        raise ValueError(f"unknown stage kind {stage.kind!r}")
+
+    def check(self, stages: Sequence[Stage]) -> list[Failure]:
+        failures = []
+        for stage in stages:
+            try:
+                results = self.run_stage(stage)
+            except Exception as e:  # any exception on a valid model is a bug to report
+                if len(self.specs) > 1:  # find which model(s) of the batch it was
+                    if stage.kind == "capture":
+                        return [f for spec in self.specs for f in Case(spec).check(stages)]
+                    failures.extend(f for spec in self.specs for f in Case(spec).check([stage]))
+                    continue
+                failures.append(Failure(self.spec.seed, stage.name, "crash", _describe(e), self.spec))
+                if stage.kind == "capture":
+                    break
+                continue
+            for spec, result in zip(self.specs, results):
+                if not result.ok:
+                    failures.append(Failure(spec.seed, stage.name, "mismatch", result.message, spec))
+        return failures
+
+
+def _float64_run(graph, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...] | None:
+    """``graph`` run in float64 (the fallback judge), or None when it cannot run so
+    (integer arithmetic, explicit float32 casts)."""
+    try:
+        gm = copy.deepcopy(graph.gm).double()
+        with torch.no_grad():
+            out = _as_tuple(gm(*[x.double() if x.is_floating_point() else x for x in inputs]))
+    except Exception:  # quantized ops reject float64 inputs: no fallback judge then
+        return None
+    return out if all(o.dtype == torch.float64 for o in out) else None
+
+
+def _describe(e: BaseException) -> str:
+    where = traceback.extract_tb(e.__traceback__)[-1]
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first} (raised at {where.filename}:{where.lineno})"
+
+
+def check_spec(spec: "GraphSpec | Sequence[GraphSpec]", stages: Sequence[Stage]) -> list[Failure]:
+    """Failures of ``spec`` (or of several, batched) in ``stages``; capture always runs first."""
+    if not any(s.kind == "capture" for s in stages):
+        stages = [Stage("capture", tolerance="algebraic"), *stages]
+    try:
+        case = Case(spec)
+    except Exception as e:  # a generator bug: the model does not even run eagerly
+        specs = [spec] if isinstance(spec, GraphSpec) else list(spec)
+        return [Failure(s.seed, "eager", "crash", _describe(e), s) for s in specs]
+    return case.check(stages)
+
+
+# ----------------------------------------------------------------------------- campaign
+@dataclass
+class Report:
+    graphs: int = 0
+    ops: int = 0
+    seconds: float = 0.0
+    stages: list[str] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"fuzzed {self.graphs} graphs ({self.ops} ops) through {len(self.stages)} stages "
+                 f"in {self.seconds:.1f} s: {len(self.failures)} failure(s)"]
+        by_stage: dict[str, int] = {}
+        for f in self.failures:
+            by_stage[f.stage] = by_stage.get(f.stage, 0) + 1
+        for stage, n in sorted(by_stage.items()):
+            lines.append(f"  {stage}: {n}")
+        return "\n".join(lines)
+
+
+def fuzz(graphs: int, seed: int = 0, stages: Sequence[Stage] | None = None, *, max_ops: int = 10,
+         batch: int = 8, minimize: bool = True, isolate: bool = False,
+         log: Callable[[str], None] | None = print) -> Report:
+    """Generate ``graphs`` models (seeds ``seed``, ``seed+1``, ...) and check each in ``stages``,
+    ``batch`` models per capture and build.
+
+    Each failure is minimized (unless ``minimize=False``) and logged with its reproducer.
+    ``isolate=True`` checks in a worker process (graphopt.fuzz.isolate), so a model whose
+    compiled code kills the process is reported instead of ending the campaign.
+    """
+    from graphopt.fuzz.minimize import minimize_failure
+
+    checker: Callable[..., list[Failure]] = check_spec
+    if isolate:
+        from graphopt.fuzz.isolate import IsolatedChecker
+
+        checker = IsolatedChecker()
+
+    stages = list(stages) if stages is not None else default_stages()
+    report = Report(stages=[s.name for s in stages])
+    start = time.perf_counter()
+    for first in range(seed, seed + graphs, batch):
+        specs = [generate(s, max_ops=max_ops) for s in range(first, min(first + batch, seed + graphs))]
+        report.graphs += len(specs)
+        report.ops += sum(len(spec.ops) for spec in specs)
+        for failure in checker(specs, stages):
+            if minimize:
+                failure.minimized = minimize_failure(failure, stages, checker)
+            report.failures.append(failure)
+            if log:
+                log(failure.reproducer())
+        if log and report.graphs % 50 < batch:
+            log(f"... {report.graphs} graphs, {len(report.failures)} failure(s), "
+                f"{time.perf_counter() - start:.0f} s")
+    report.seconds = time.perf_counter() - start
+    if isolate:
+        checker.close()
+    return report
+
+
+def stage_named(name: str) -> Stage:
+    """The Stage a name like ``pass:cse``, ``pipeline:fold`` or ``build:x86[fold]`` stands for."""
+    if name == "capture":
+        return Stage("capture", tolerance="algebraic")
+    kind, _, rest = name.partition(":")
+    if kind == "build":
+        target, _, text = rest.partition("[")
+        text = text.rstrip("]") or "none"
+        return Stage("build", text, loosest(["algebraic", pipeline_tolerance(text)]), target)
+    if kind in ("pass", "pipeline"):
+        ratio_zero = "ratio=0" in rest and "ratio=0." not in rest.replace("ratio=0.0", "")
+        return Stage(kind, rest, "exact" if ratio_zero else pipeline_tolerance(rest))
+    raise ValueError(f"unknown fuzz stage {name!r}: expected capture, pass:NAME, pipeline:TEXT or build:TARGET[TEXT]")

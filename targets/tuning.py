@@ -1,0 +1,337 @@
+"""Autotuning with MetaSchedule into a persistent, shareable database.
+
+    graphopt.compile(model, "x86", (x,), tune=Tune(trials=200, db="tuning-db"))
+
+``graphopt.compile`` calls :func:`tuning_passes` and runs the two passes it returns after
+legalization and fusion, before graphopt's own CPU schedule rules:
+
+1. **tune** — extract one MetaSchedule task per fused PrimFunc, load the database, and
+   measure what is still missing (below);
+2. **apply** — ``MetaScheduleApplyDatabase``: every PrimFunc with a record gets the best
+   measured schedule and the ``is_scheduled`` attribute, so the schedule rules leave it
+   alone; PrimFuncs without records fall through to the rules.
+
+Budget and reuse. ``trials`` is the number of measurements for the whole model; each task's
+share is ``ceil(trials / tasks)``. A task is *done* when the database holds that many records
+for its workload, or when an earlier run that finished normally tuned it with at least that
+share (the search may exhaust a small kernel's space early). Only unfinished tasks are tuned,
+for what they still lack, so compiling the same model again — or another model that shares
+layers — measures nothing and costs about an untuned build; a run interrupted by Ctrl-C or a
+crash resumes where its last persisted batch ended, re-measuring nothing.
+
+Seeding with graphopt's rules (issue 10). Before searching, each task that has no record yet
+gets one measurement of the schedule graphopt's own rule (targets/schedules) gives it. The
+rule's traced schedule is committed as an ordinary record, so (a) the evolutionary search
+starts from it (MetaSchedule seeds its population with the database's best records), and (b)
+``apply`` never picks a tuned kernel slower than the untuned build's: where the search found
+nothing better, the rule's schedule wins.
+
+Measurements run locally, or on a device reached over TVM RPC (``Tune(rpc=RPC(key, tracker))``,
+see targets/remote.py). Records land in the store (targets/tuning_store.py) after every batch.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from graphopt.errors import TuningError
+from graphopt.targets.registry import TargetSpec
+from graphopt.targets.tuning_store import TuningStore
+
+# TVM is imported inside the functions: ``graphopt.Tune`` must not cost TVM's import.
+
+__all__ = ["RPC", "Tune", "TuningLog", "tuning_passes"]
+
+@dataclass(frozen=True)
+class RPC:
+    """A remote device behind a TVM RPC tracker: ``RPC("rpi4", "10.0.0.2:9190")``."""
+
+    key: str
+    tracker: str = "127.0.0.1:9190"
+    session_timeout_s: int = 120
+
+    @staticmethod
+    def parse(text: str) -> "RPC":
+        """``KEY@HOST:PORT`` -> RPC."""
+        key, sep, tracker = text.partition("@")
+        if not sep or not key or ":" not in tracker:
+            raise TuningError(f"RPC device {text!r} must be written KEY@HOST:PORT, e.g. rpi4@127.0.0.1:9190")
+        return RPC(key, tracker)
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.tracker.rpartition(":")
+        try:
+            return host, int(port)
+        except ValueError:
+            raise TuningError(f"RPC tracker {self.tracker!r} must be HOST:PORT") from None
+
+
+@dataclass
+class TuningLog:
+    """What the last tuning run did; filled in by every compile that uses the Tune."""
+
+    database: str = ""
+    tasks: int = 0
+    tasks_done_before: int = 0  # tasks the database already covered
+    records_loaded: int = 0
+    baselines_measured: int = 0  # rule schedules measured as seeds
+    trials_measured: int = 0  # MetaSchedule candidates measured (this run)
+    tuning_s: float = 0.0
+    best_ms: float | None = None  # estimated model latency from the best record of every task
+    stopped_by_time_budget: bool = False
+
+    @property
+    def measured(self) -> int:
+        return self.baselines_measured + self.trials_measured
+
+
+@dataclass(frozen=True)
+class Tune:
+    """How to autotune: ``trials`` measurements for the model, into database folder ``db``.
+
+    ``time_budget`` (seconds) stops the search early; ``rpc`` measures on a remote device;
+    ``seed_with_rules`` measures graphopt's rule schedule of each new task first (CPU only).
+    """
+
+    trials: int = 64
+    time_budget: float | None = None
+    db: str = "graphopt-tuning"
+    rpc: RPC | str | None = None
+    seed_with_rules: bool = True
+    trials_per_iter: int = 16
+    population: int = 512  # evolutionary search population (MetaSchedule's default); smaller is faster
+    progress: bool = True
+    seed: int = 0
+    log: TuningLog = field(default_factory=TuningLog, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.trials, int) or self.trials < 0:
+            raise TuningError(f"Tune(trials={self.trials!r}): trials must be an integer >= 0")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise TuningError(f"Tune(time_budget={self.time_budget!r}): must be a number of seconds > 0")
+        if not isinstance(self.trials_per_iter, int) or self.trials_per_iter < 1:
+            raise TuningError(f"Tune(trials_per_iter={self.trials_per_iter!r}): must be an integer >= 1")
+        if not isinstance(self.population, int) or self.population < 2:
+            raise TuningError(f"Tune(population={self.population!r}): must be an integer >= 2")
+        if isinstance(self.rpc, str):
+            object.__setattr__(self, "rpc", RPC.parse(self.rpc))
+
+
+def tuning_passes(mod: Any, spec: TargetSpec, tune: Tune, fusion: str = "tvm") -> list:
+    """The passes ``graphopt.compile`` runs after fusion: tune into ``tune.db``, then apply it.
+
+    ``mod`` (the lowered model) is not needed: the tasks are extracted from the fused module
+    the passes see, which is exactly what gets built.
+    """
+    if not isinstance(tune, Tune):
+        raise TuningError(f"tune= takes a graphopt.Tune, got {type(tune).__name__}")
+    import tvm
+    from tvm import relax
+
+    # what can be checked before the build starts fails here as a TuningError (inside the
+    # pipeline it would surface as a CompilationError)
+    TuningStore(tune.db, spec.to_json())
+    if tune.trials:
+        from graphopt.targets import remote
+
+        remote.check_measurable(spec, tune.rpc)
+    tuner = _Tuner(spec, tune)
+
+    @tvm.transform.module_pass(opt_level=0, name="graphopt.MetaScheduleTune")
+    def _tune(m, _ctx):
+        tuner.run(m)
+        return m
+
+    @tvm.transform.module_pass(opt_level=0, name="graphopt.MetaScheduleApply")
+    def _apply(m, _ctx):
+        with tuner.database:
+            return relax.transform.MetaScheduleApplyDatabase()(m)
+
+    return [_tune, _apply]
+
+
+# ------------------------------------------------------------------------------ the tuner
+class _Tuner:
+    def __init__(self, spec: TargetSpec, tune: Tune):
+        self.spec, self.tune, self.log = spec, tune, tune.log
+        from tvm.s_tir import meta_schedule as ms
+
+        self.database = ms.database.MemoryDatabase(module_equality="structural")
+
+    def run(self, mod: Any) -> None:
+        from tvm.s_tir import meta_schedule as ms
+
+        from graphopt.targets import remote
+        from graphopt.targets.tuning_progress import Progress, estimate_ms
+
+        started = time.perf_counter()
+        target = self.spec.tvm_target()
+        tasks = [t for t in ms.relax_integration.extract_tasks(mod, target)
+                 if not t.mod.attrs.get("tirx.is_scheduled", False)]
+        store = TuningStore(self.tune.db, self.spec.to_json())
+        log = self.log
+        log.__init__(database=store.path, tasks=len(tasks))  # reset: one Tune may serve several compiles
+        log.records_loaded = store.load(self.database)
+        if not tasks:
+            return
+        share = math.ceil(self.tune.trials / len(tasks)) if self.tune.trials else 0
+        counts = self._record_counts(tasks)
+        done = store.done_tasks()
+        todo = [i for i, t in enumerate(tasks)
+                if counts[i] < share and done.get(_shash(t), -1) < share]
+        log.tasks_done_before = len(tasks) - len(todo)
+        if todo:
+            builder, runner = remote.builder_for(self.spec, self.tune.rpc), remote.runner_for(self.spec, self.tune.rpc)
+            progress = Progress(self, tasks, store, total=sum(share - counts[i] for i in todo), started=started)
+            try:
+                if self.tune.seed_with_rules and self.spec.is_cpu:
+                    fresh = [i for i in todo if counts[i] == 0]
+                    progress.add(self._measure_rule_baselines([tasks[i] for i in fresh], target, builder, runner))
+                    counts = self._record_counts(tasks)
+                remaining = {i: share - counts[i] for i in todo if counts[i] < share}
+                if remaining:
+                    self._search([tasks[i] for i in remaining], remaining.values(), builder, runner, progress)
+            finally:
+                progress.close()
+            store.mark_done([_shash(tasks[i]) for i in todo], share)
+        log.best_ms = estimate_ms(self.database, tasks)
+        log.tuning_s = time.perf_counter() - started
+
+    def _record_counts(self, tasks: list) -> list[int]:
+        """Records (failed measurements included: they were paid for) per task."""
+        by_hash: dict[int, int] = {}
+        for rec in self.database.get_all_tuning_records():
+            h = _hash_mod(rec.workload.mod)
+            by_hash[h] = by_hash.get(h, 0) + 1
+        return [by_hash.get(_shash(t), 0) for t in tasks]
+
+    def _measure_rule_baselines(self, tasks: list, target: Any, builder: Any, runner: Any) -> list:
+        """One measured record per task: the schedule graphopt's rules give it (see module doc)."""
+        from tvm.s_tir import meta_schedule as ms
+
+        from graphopt.targets.tuning_progress import FAILED_SECS
+        seeds = []
+        for task in tasks:
+            sch = _rule_schedule(task.dispatched[0], target)
+            if sch is not None:
+                seeds.append((task, sch))
+        if not seeds:
+            return []
+        built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch in seeds])
+        records, to_run = [], []
+        for (task, sch), result in zip(seeds, built):
+            args = ms.arg_info.ArgInfo.from_prim_func(task.dispatched[0]["main"])
+            if result.error_msg is None:
+                to_run.append((task, sch, args, result.artifact_path))
+        device = "cuda" if target.kind.name == "cuda" else "cpu"
+        futures = runner.run([ms.runner.RunnerInput(path, device, args) for _, _, args, path in to_run])
+        for (task, sch, args, path), future in zip(to_run, futures):
+            res = future.result()
+            secs = [float(s) for s in res.run_secs] if res.error_msg is None and res.run_secs else [FAILED_SECS]
+            workload = self.database.commit_workload(task.dispatched[0])
+            records.append(ms.database.TuningRecord(sch.trace, workload, secs, target, args))
+            shutil.rmtree(_artifact_dir(path), ignore_errors=True)
+        for rec in records:
+            self.database.commit_tuning_record(rec)
+        return records
+
+    def _search(self, tasks: list, remaining, builder: Any, runner: Any, progress: Any) -> None:
+        from tvm.s_tir import meta_schedule as ms
+
+        remaining = list(remaining)
+        work_dir = tempfile.mkdtemp(prefix="graphopt-tune-")
+        _register_tensor_intrinsics(self.spec)
+        try:
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                tasks, work_dir, seed=self.tune.seed,
+                strategy=ms.search_strategy.EvolutionarySearch(
+                    population_size=self.tune.population,
+                    init_min_unmeasured=min(50, self.tune.population // 2)))
+            _quiet_loggers()
+            ms.tune.tune_tasks(
+                tasks=contexts, task_weights=weights, work_dir=work_dir,
+                max_trials_global=sum(remaining), max_trials_per_task=max(remaining),
+                num_trials_per_iter=self.tune.trials_per_iter, builder=builder, runner=runner,
+                database=self.database, task_scheduler="gradient",
+                measure_callbacks=[ms.measure_callback.AddToDatabase(), progress.callback(),
+                                   ms.measure_callback.RemoveBuildArtifact(), ms.measure_callback.UpdateCostModel()])
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _register_tensor_intrinsics(spec: TargetSpec) -> None:
+    """Register the tensor intrinsics a CPU search can use, without TVM's CUDA ones.
+
+    MetaSchedule's TuneContext runs ``import tvm.s_tir.tensor_intrin``, whose ``__init__``
+    also parses ~250 CUDA intrinsics written in TVMScript: 60-100 s of CPU on this kind of
+    machine, per tuning process, for nothing on a CPU target. For CPU targets we register
+    the package without running its ``__init__`` and import the x86 and ARM intrinsics
+    (VNNI, dot-product: what CPU tensorization rules look up) ourselves; a later
+    ``from tvm.s_tir.tensor_intrin.cuda import ...`` still works, as the package path is real.
+    """
+    import importlib
+    import os
+    import sys
+    import types
+
+    import tvm.s_tir as s_tir
+
+    name = "tvm.s_tir.tensor_intrin"
+    if spec.kind == "cuda" or name in sys.modules:
+        return
+    package = types.ModuleType(name, "Intrinsics for tensorization (CPU subset, registered by graphopt).")
+    package.__path__ = [os.path.join(os.path.dirname(s_tir.__file__), "tensor_intrin")]
+    package.__package__ = name
+    sys.modules[name] = package
+    s_tir.tensor_intrin = package
+    for sub in ("x86", "arm_cpu"):
+        importlib.import_module(f"{name}.{sub}")
+
+
+def _rule_schedule(workload: Any, target: Any):
+    """The traced schedule graphopt's first applicable rule gives ``workload``, or None."""
+    try:
+        from graphopt.targets.schedules import RULES
+    except ImportError:  # the rules are optional (issue 10)
+        return None
+    func = workload["main"]
+    for rule in RULES:
+        if not rule.is_target_available(target):
+            continue
+        try:
+            sch = rule.apply(func, target, False)
+        except Exception:  # noqa: BLE001 - a failing rule means "try the next", as in cpu_schedule_pass
+            continue
+        if sch is not None:
+            return sch[0] if isinstance(sch, list) else sch
+    return None
+
+
+def _hash_mod(mod: Any) -> int:
+    import tvm_ffi
+
+    return int(tvm_ffi.structural_hash(mod))
+
+
+def _shash(task: Any) -> int:
+    return _hash_mod(task.dispatched[0])
+
+
+def _artifact_dir(path: str) -> str:
+    import os
+
+    return os.path.dirname(path)
+
+
+def _quiet_loggers() -> None:
+    # MetaSchedule prints a table per task per round to the console; the progress bar says it all.
+    import logging
+
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+

@@ -1,0 +1,212 @@
+"""The on-disk tuning database: MetaSchedule JSON records, safe to share between processes.
+
+Layout of a database folder (``Tune(db=PATH)``)::
+
+    PATH/<target-key>/database_workload.json       one workload (a TIR PrimFunc) per line
+    PATH/<target-key>/database_tuning_record.json  one measured schedule per line: [workload line, record]
+    PATH/<target-key>/tasks_done.json              [workload hash, per-task budget] of finished runs
+    PATH/<target-key>/target.json                  the target these records were measured on
+    PATH/<target-key>/.lock                        the flock that serialises writers
+
+Both ``.json`` files are exactly MetaSchedule's ``JSONDatabase`` format, so TVM's own tools read
+them. One sub-folder per target (the key is a hash of the target dict) is what makes records
+"keyed by workload *and* target": MetaSchedule's query ignores the target a record was measured
+on, so records for two targets must never share one database.
+
+Why not hand MetaSchedule a ``JSONDatabase`` directly:
+
+* **two writers**: JSONDatabase numbers workloads by their line in the workload file, counted in
+  its own process. Two processes tuning into one folder would both append "workload 7" and
+  their records would point at each other's kernels. Here every append happens under an
+  exclusive ``fcntl.flock``, after re-reading the lines other processes appended, so a
+  record always carries the index of *its* workload's line;
+* **crashes**: a process killed in the middle of an append leaves a partial last line that
+  JSONDatabase refuses to load. Loading drops such a tail (under the lock), so a crash costs at
+  most the record that was being written, never the database.
+
+The tuner works on an in-memory MetaSchedule database filled from these files (``load``) and
+persists each measured batch as soon as the runner returns (``append``): Ctrl-C or a crash keeps
+every record already measured.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from graphopt.errors import TuningError
+
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+TARGET_FILE = "target.json"
+LOCK_FILE = ".lock"
+DONE_FILE = "tasks_done.json"
+
+
+def target_key(target_json: dict[str, Any]) -> str:
+    """Folder name for a target: readable kind/cpu plus a hash of the whole target dict."""
+    digest = hashlib.sha256(json.dumps(target_json, sort_keys=True).encode()).hexdigest()[:12]
+    tvm_part = target_json.get("tvm", target_json)
+    cpu = tvm_part.get("mcpu") or tvm_part.get("arch") or "generic"
+    return f"{tvm_part.get('kind', 'target')}-{cpu}-{digest}"
+
+
+class TuningStore:
+    """The records of one target in a database folder (see the module docstring)."""
+
+    def __init__(self, db: str | os.PathLike[str], target_json: dict[str, Any]):
+        self.root = os.path.abspath(os.fspath(db))
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise TuningError(f"tuning database {self.root} is a file; it must be a directory "
+                              "(of MetaSchedule JSON records, one sub-folder per target)")
+        self.path = os.path.join(self.root, target_key(target_json))
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as e:
+            raise TuningError(f"cannot create tuning database {self.path}: {e.strerror or e}") from e
+        target_file = os.path.join(self.path, TARGET_FILE)
+        if not os.path.exists(target_file):
+            with open(target_file, "w") as f:
+                json.dump(target_json, f, indent=2, sort_keys=True)
+        self.workload_file = os.path.join(self.path, WORKLOAD_FILE)
+        self.record_file = os.path.join(self.path, RECORD_FILE)
+        # workload line index -> (shash, json text) of every workload line read so far
+        self._lines: list[tuple[str, str]] = []
+
+    # ------------------------------------------------------------------ locking
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        with open(os.path.join(self.path, LOCK_FILE), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------ reading
+    def _read_lines(self, path: str) -> list[Any]:
+        """Parsed JSON lines of ``path``; a torn last line (a writer killed mid-append) is cut off."""
+        if not os.path.exists(path):
+            return []
+        with open(path, "rb") as f:
+            data = f.read()
+        parsed, good_bytes = [], 0
+        lines = data.split(b"\n")
+        for i, raw in enumerate(lines):
+            if not raw.strip():
+                good_bytes += len(raw) + 1
+                continue
+            try:
+                parsed.append(json.loads(raw))
+            except ValueError:
+                if any(rest.strip() for rest in lines[i + 1:]):
+                    raise TuningError(f"tuning database {path} is corrupt at line {i + 1} "
+                                      "(not a MetaSchedule JSON record)") from None
+                # the last line was being written when its process died: drop it
+                with open(path, "r+b") as f:
+                    f.truncate(good_bytes)
+                break
+            good_bytes += len(raw) + 1
+        return parsed
+
+    def load(self, database: Any) -> int:
+        """Commit every stored workload and record into ``database`` (a MetaSchedule Database);
+        returns the number of records loaded."""
+        from tvm.s_tir.meta_schedule.database import TuningRecord, Workload
+
+        with self.locked():
+            workloads = self._read_lines(self.workload_file)
+            records = self._read_lines(self.record_file)
+        self._lines = []
+        in_memory = []
+        for line in workloads:
+            try:
+                wl = database.commit_workload(Workload.from_json(line).mod)
+            except Exception as e:  # TVM raises its own error types for malformed JSON
+                raise TuningError(f"tuning database {self.workload_file}: unreadable workload ({e})") from e
+            self._lines.append((str(line[0]), json.dumps(line[1])))
+            in_memory.append(wl)
+        for line in records:
+            index, body = line
+            if not 0 <= index < len(in_memory):
+                raise TuningError(f"tuning database {self.record_file}: a record names workload line "
+                                  f"{index}, the workload file has {len(in_memory)}")
+            database.commit_tuning_record(TuningRecord.from_json(body, in_memory[index]))
+        return len(records)
+
+    # ------------------------------------------------------------------ writing
+    def _sync_workload_lines(self) -> None:
+        """Read workload lines other processes appended since we last looked (lock held)."""
+        for line in self._read_lines(self.workload_file)[len(self._lines):]:
+            self._lines.append((str(line[0]), json.dumps(line[1])))
+
+    def _workload_line(self, workload: Any) -> int:
+        """Line index of ``workload`` in the workload file, appending it if new (lock held)."""
+        import tvm_ffi
+
+        from tvm.s_tir.meta_schedule.database import Workload
+
+        self._sync_workload_lines()
+        shash, body = workload.as_json()
+        text = json.dumps(body)
+        found = None
+        for i, (line_hash, line_text) in enumerate(self._lines):
+            if str(line_hash) != str(shash):
+                continue
+            if line_text == text or tvm_ffi.structural_equal(
+                    Workload.from_json([line_hash, json.loads(line_text)]).mod, workload.mod):
+                found = i
+                break
+        if found is None:
+            _append_line(self.workload_file, json.dumps([shash, body]))
+            self._lines.append((str(shash), text))
+            found = len(self._lines) - 1
+        return found
+
+    def append(self, records: list[Any]) -> None:
+        """Persist measured ``records`` (MetaSchedule TuningRecords) now, under the lock."""
+        if not records:
+            return
+        with self.locked():
+            seen: list[tuple[Any, int]] = []  # a batch is usually one workload: look it up once
+            lines = []
+            for r in records:
+                index = next((i for w, i in seen if w.same_as(r.workload)), None)
+                if index is None:
+                    index = self._workload_line(r.workload)
+                    seen.append((r.workload, index))
+                lines.append(json.dumps([index, r.as_json()]))
+            _append_line(self.record_file, "\n".join(lines))
+
+
+    def done_tasks(self) -> dict[int, int]:
+        """Workload hash -> the largest per-task budget a run that finished normally tuned it with."""
+        with self.locked():
+            lines = self._read_lines(os.path.join(self.path, DONE_FILE))
+        done: dict[int, int] = {}
+        for shash, share in lines:
+            done[int(shash)] = max(done.get(int(shash), 0), int(share))
+        return done
+
+    def mark_done(self, shashes: list[int], share: int) -> None:
+        if shashes:
+            with self.locked():
+                _append_line(os.path.join(self.path, DONE_FILE), "\n".join(json.dumps([h, share]) for h in shashes))
+
+
+def _append_line(path: str, text: str) -> None:
+    """Append ``text`` + newline with one write (lock held). A torn last line left by a writer
+    that was killed mid-append is cut off first, so it can never end up between good lines."""
+    with open(path, "ab+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size:
+            f.seek(0)
+            data = f.read()
+            if not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+        f.write(text.encode() + b"\n")
+        f.flush()

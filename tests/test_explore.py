@@ -1,0 +1,63 @@
+"""explore: a small end-to-end search on real digits data, cached, reported, within budget."""
+
+import os
+
+import pytest
+import torch
+
+from graphopt.explore import Candidate, explore
+from graphopt.explore.search import build_candidate, candidate_of, make_metric, pareto_front, CandidateResult
+from graphopt.models import digits_mlp, load_digits_split, train_digits
+
+
+@pytest.fixture(scope="module")
+def digits():
+    model, _ = train_digits(digits_mlp(), epochs=15)
+    xtr, ytr, xte, yte = load_digits_split()
+    half = len(xte) // 2
+    train = [(xtr[i:i + 64], ytr[i:i + 64]) for i in range(0, len(xtr), 64)]
+    return model, train, (xte[:half], yte[:half]), (xte[half:], yte[half:]), [xtr[i:i + 1] for i in range(32)]
+
+
+def test_small_explore_meets_the_budget_on_held_out_data(digits, tmp_path):
+    model, train, val, held_out, calib = digits
+    cands = [Candidate("fused fp32", "fold,fuse"),
+             Candidate("int8 static", "fold,quantize{mode=int8},fuse"),
+             Candidate("prune 0.5", "fold,prune{ratio=0.5}", "fuse", finetune=True)]
+    result = explore(model, (val[0][:1],), "x86", evaluate=val, max_accuracy_drop=0.01, train_data=train,
+                     calibration_data=calib, candidates=cands, cache_dir=str(tmp_path / "cache"),
+                     report_dir=str(tmp_path / "report"), progress=False)
+    ok = [c for c in result.candidates if c.ok]
+    assert ok, result.table()
+    assert result.chosen is not None and result.chosen.accuracy_drop <= 0.01
+    assert any(c.pareto for c in ok)
+    # the chosen pipeline, rebuilt, holds the budget on data the search never saw
+    module = build_candidate(model, (val[0][:1],), "x86", candidate_of(result.chosen), train, calib)[1]
+    metric = make_metric(held_out)
+    assert metric(lambda x: model(x)) - metric(module) <= 0.01 + 1.0 / len(held_out[1])
+    # the report holds the numbers
+    report = open(result.report).read()
+    assert result.chosen.pipeline in report and f"{result.chosen.accuracy:.4f}" in report
+    for png in ("accuracy_latency.png", "size.png"):
+        assert os.path.getsize(tmp_path / "report" / png) > 1000
+    # a second run is served from the cache: same numbers, nothing rebuilt
+    again = explore(model, (val[0][:1],), "x86", evaluate=val, train_data=train, calibration_data=calib,
+                    candidates=cands, cache_dir=str(tmp_path / "cache"), progress=False)
+    assert [c.latency_ms for c in again.candidates if c.ok] == [c.latency_ms for c in ok]
+
+
+def test_pareto_front_marks_non_dominated_candidates():
+    def r(name, acc, lat, size):
+        return CandidateResult(name, name, False, accuracy=acc, accuracy_drop=0.0, latency_ms=lat, size_bytes=size)
+
+    rs = [r("a", 0.9, 1.0, 100), r("b", 0.95, 2.0, 100), r("c", 0.9, 2.0, 200), r("d", 0.8, 0.5, 50)]
+    pareto_front(rs)
+    assert [x.pareto for x in rs] == [True, True, False, True]
+
+
+def test_missing_passes_are_reported_not_fatal(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    result = explore(model, (x[:1],), "x86", evaluate=(x, y), candidates=[Candidate("bad", "fold,nosuch")],
+                     cache_dir=str(tmp_path), progress=False)
+    assert result.candidates[0].error == "pass not available: nosuch" and result.chosen is None

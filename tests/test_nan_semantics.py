@@ -1,0 +1,106 @@
+"""Compiled models keep PyTorch's NaN / inf semantics.
+
+LLVM lowers TVM's ``max``/``min`` (relu as ``max(x, 0)``, clamps, the max reduction of a
+pool) to maxnum/minnum, which return the *non*-NaN operand: a NaN input silently became a
+number. targets/ops.py replaces those lowerings by compare-and-select forms and a max pool
+with a NaN-propagating reduction. Each case feeds NaN, +inf and -inf through one op and
+asserts the compiled output has the same NaN/inf pattern and the same values as eager.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import graphopt
+
+NAN, INF = float("nan"), float("inf")
+
+
+class Softmax(nn.Module):
+    def forward(self, x):
+        return torch.softmax(x, dim=-1)
+
+
+class Clamp(nn.Module):
+    def forward(self, x):
+        return torch.clamp(x, -0.5, 0.5)
+
+
+def _with_specials(shape: tuple[int, ...]) -> torch.Tensor:
+    """Random values with a NaN, a +inf and a -inf in different rows / windows."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    flat = x.view(-1)
+    flat[0], flat[flat.numel() // 2 + 3], flat[-1] = NAN, INF, -INF
+    return x
+
+
+CASES = {
+    "maxpool": (lambda: nn.MaxPool2d(2), (1, 2, 6, 6)),
+    "maxpool_padded_ceil": (lambda: nn.MaxPool2d(3, 2, 1, ceil_mode=True), (2, 3, 8, 8)),
+    "relu": (lambda: nn.ReLU(), (2, 8)),
+    "relu6": (lambda: nn.ReLU6(), (2, 8)),
+    "clamp": (lambda: Clamp(), (2, 8)),
+    "softmax": (lambda: Softmax(), (4, 8)),
+    "linear": (lambda: nn.Linear(8, 4), (3, 8)),
+    "conv": (lambda: nn.Conv2d(2, 3, 3, padding=1), (1, 2, 6, 6)),
+}
+
+
+def assert_same_specials(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert torch.equal(out.isnan(), ref.isnan()), f"NaN pattern differs:\n{out}\n{ref}"
+    assert torch.equal(out.isposinf(), ref.isposinf()) and torch.equal(out.isneginf(), ref.isneginf())
+    finite = ref.isfinite()
+    torch.testing.assert_close(out[finite], ref[finite], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pipeline", ["none", "fuse"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_nan_and_inf_match_eager(case, pipeline):
+    make, shape = CASES[case]
+    torch.manual_seed(0)
+    model = make().eval()
+    x = _with_specials(shape)
+    with torch.no_grad():
+        ref = model(x)
+    assert ref.isnan().any()  # the case really exercises NaN
+    compiled = graphopt.compile(model, "x86", (x,), pipeline)
+    assert_same_specials(compiled(x), ref)
+
+
+def test_maxpool_nan_in_every_position_of_a_window():
+    # a reduction that drops NaN can still return it when the NaN comes last: try each tap
+    model = nn.MaxPool2d(2).eval()
+    compiled = graphopt.compile(model, "x86", (torch.zeros(1, 1, 2, 2),), "none")
+    for i in range(4):
+        x = torch.arange(4.0).reshape(1, 1, 2, 2)
+        x.view(-1)[i] = NAN
+        assert torch.isnan(compiled(x)).all(), i
+    x = torch.tensor([[[[-INF, 1.0], [INF, 2.0]]]])
+    assert float(compiled(x)) == INF
+
+
+def test_maxpool_stays_one_kernel_and_matches_the_pooling_schedule():
+    from tvm import tirx
+
+    from graphopt.passes.fuse import expected_kernels
+    from graphopt.targets.build import kernel_launches
+    from graphopt.targets.lower import lower_to_relax
+    from graphopt.targets.registry import resolve_target
+    from graphopt.targets.schedules import schedule_primfunc
+
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).eval()
+    x = torch.randn(1, 2, 8, 8)
+    spec = resolve_target("x86")
+    fused = graphopt.optimize(model, (x,), "fuse")
+    assert len(kernel_launches(lower_to_relax(fused), spec, "graph")) == expected_kernels(fused)
+    # op by op, the pool is still one launch (no encode/decode kernels around it)
+    launches = kernel_launches(lower_to_relax(graphopt.optimize(model, (x,), "none")), spec, "none")
+    assert launches[-1][0].startswith("max_pool2d") and launches[-2][0] == "where", launches
+    mod = lower_to_relax(graphopt.optimize(nn.MaxPool2d(3, 2, 1).eval(), (x,), "none"))
+    pools = [f for g, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)]
+    assert len(pools) == 1
+    rule, _ = schedule_primfunc(pools[0], spec.tvm_target())
+    assert rule == "Pooling"

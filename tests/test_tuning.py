@@ -1,0 +1,219 @@
+"""MetaSchedule autotuning into a persistent database (targets/tuning.py, tuning_store.py).
+
+Specification:
+* a tuned compile measures graphopt's rule schedule of each task once, then searches; the
+  result matches eager, and every measurement is a record in the database folder (in TVM's
+  own JSONDatabase format);
+* compiling the same model again measures nothing and applies the stored records;
+* a tuning run killed mid-way keeps what it measured and the next run measures only what is
+  missing;
+* two processes writing one database lose no record and never mix up workloads; a torn last
+  line (a writer killed mid-append) is dropped, not fatal.
+Tiny models and a few trials keep this fast (the search itself is MetaSchedule's).
+"""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import graphopt
+from graphopt.errors import TuningError
+from graphopt.targets.tuning import RPC, Tune
+
+SMALL = dict(population=16, trials_per_iter=2, progress=False)
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU()).eval()
+
+
+def record_lines(db: str) -> list[list]:
+    (path,) = glob.glob(os.path.join(db, "*", "database_tuning_record.json"))
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    db = str(tmp_path_factory.mktemp("tuning") / "db")
+    model, x = tiny_model(), torch.randn(1, 32)
+    tune = Tune(trials=4, db=db, **SMALL)
+    module = graphopt.compile(model, "x86", (x,), tune=tune)
+    return model, x, db, tune.log, module
+
+
+def test_tuned_module_matches_eager(tuned):
+    model, x, _, _, module = tuned
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_every_measurement_is_a_record_on_disk(tuned):
+    _, _, db, log, _ = tuned
+    assert log.tasks == 1 and log.tasks_done_before == 0
+    assert log.baselines_measured == 1  # the rule schedule, measured first
+    assert log.trials_measured >= 1
+    assert len(record_lines(db)) == log.measured
+    assert log.best_ms is not None and log.best_ms > 0
+
+
+def test_database_is_tvm_json_format(tuned):
+    from tvm.s_tir import meta_schedule as ms
+
+    _, _, db, log, _ = tuned
+    (folder,) = glob.glob(os.path.join(db, "*"))
+    tvm_db = ms.database.JSONDatabase(os.path.join(folder, "database_workload.json"),
+                                      os.path.join(folder, "database_tuning_record.json"))
+    assert len(tvm_db) == log.measured
+
+
+def test_second_compile_measures_nothing(tuned):
+    model, x, db, _, first = tuned
+    before = record_lines(db)
+    tune = Tune(trials=4, db=db, **SMALL)
+    module = graphopt.compile(model, "x86", (x,), tune=tune)
+    assert tune.log.measured == 0
+    assert tune.log.tasks_done_before == tune.log.tasks == 1
+    assert tune.log.records_loaded == len(before)
+    assert record_lines(db) == before
+    torch.testing.assert_close(module(x), first(x), rtol=0, atol=0)
+
+
+def test_records_are_kept_per_target(tuned):
+    from graphopt.targets.registry import resolve_target
+    from graphopt.targets.tuning_store import target_key
+
+    _, _, db, _, _ = tuned
+    folders = [os.path.basename(p) for p in glob.glob(os.path.join(db, "*"))]
+    assert folders == [target_key(resolve_target("x86").to_json())]
+    assert target_key(resolve_target("x86-avx2").to_json()) != folders[0]
+
+
+def test_bad_settings_are_tuning_errors(tmp_path):
+    with pytest.raises(TuningError, match="trials"):
+        Tune(trials=-1)
+    with pytest.raises(TuningError, match="KEY@HOST:PORT"):
+        Tune(rpc="no-tracker")
+    assert Tune(rpc="rpi4@127.0.0.1:9190").rpc == RPC("rpi4", "127.0.0.1:9190")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(TuningError, match="is a file"):
+        graphopt.compile(tiny_model(), "x86", (torch.randn(1, 32),), tune=Tune(db=str(tmp_path / "file")))
+
+
+def test_aarch64_target_without_rpc_says_how_to_measure(tmp_path):
+    with pytest.raises(TuningError, match="over RPC"):
+        graphopt.compile(tiny_model(), "arm64", (torch.randn(1, 32),), tune=Tune(db=str(tmp_path / "db"), **SMALL))
+
+
+_TUNE_SCRIPT = textwrap.dedent("""
+    import sys, torch, graphopt
+    sys.path.insert(0, {tests!r})
+    from test_tuning import tiny_model, SMALL
+    graphopt.compile(tiny_model(), "x86", (torch.randn(1, 32),),
+                     tune=graphopt.Tune(trials={trials}, db={db!r}, **SMALL))
+""")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_remeasuring(tmp_path):
+    db, trials = str(tmp_path / "db"), 8
+    script = _TUNE_SCRIPT.format(tests=os.path.dirname(__file__), trials=trials, db=db)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if glob.glob(os.path.join(db, "*", "database_tuning_record.json")) and len(record_lines(db)) >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the tuning run finished before it could be interrupted"
+        proc.send_signal(signal.SIGKILL)  # a crash: no cleanup code runs
+    finally:
+        proc.wait()
+    measured_before = record_lines(db)
+    assert 3 <= len(measured_before) < trials
+
+    tune = Tune(trials=trials, db=db, **SMALL)
+    graphopt.compile(tiny_model(), "x86", (torch.randn(1, 32),), tune=tune)
+    after = record_lines(db)
+    assert after[:len(measured_before)] == measured_before  # nothing lost
+    assert tune.log.records_loaded == len(measured_before)
+    assert tune.log.baselines_measured == 0  # the rule baseline was measured before the kill
+    # only what was missing was measured (MetaSchedule may round up to a whole batch)
+    assert trials - len(measured_before) <= tune.log.measured <= trials - len(measured_before) + SMALL["trials_per_iter"]
+
+
+_WRITER_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import tvm
+    from tvm import te, s_tir
+    from tvm.s_tir import meta_schedule as ms
+    from graphopt.targets.tuning_store import TuningStore
+
+    writer, db = int(sys.argv[1]), sys.argv[2]
+    target = tvm.target.Target("llvm")
+
+    def workload(n):
+        a = te.placeholder((n,), name="a")
+        return tvm.IRModule({"main": te.create_prim_func([a, te.compute((n,), lambda i: a[i] * 2.0, name="b")])})
+
+    store = TuningStore(db, {"tvm": {"kind": "llvm"}})
+    mem = ms.database.MemoryDatabase()
+    # workload 8 is shared by both writers; 16 + writer is this writer's own
+    mods = {8: workload(8), 16 + writer: workload(16 + writer)}
+    for k in range(12):
+        for n, mod in mods.items():
+            wl = mem.commit_workload(mod)
+            args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+            # the latency encodes (writer, workload size, k): the reader checks every record's workload
+            secs = [writer + n * 1e-3 + k * 1e-6]
+            store.append([ms.database.TuningRecord(s_tir.Schedule(mod).trace, wl, secs, target, args)])
+        time.sleep(0.01)
+""")
+
+
+def test_two_writers_lose_no_record(tmp_path):
+    from tvm.s_tir import meta_schedule as ms
+
+    from graphopt.targets.tuning_store import TuningStore
+
+    db = str(tmp_path / "db")
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER_SCRIPT, str(w), db]) for w in (1, 2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    mem = ms.database.MemoryDatabase()
+    assert TuningStore(db, {"tvm": {"kind": "llvm"}}).load(mem) == 2 * 2 * 12
+    seen = set()
+    for rec in mem.get_all_tuning_records():
+        secs = float(rec.run_secs[0])
+        writer, size = int(secs), round((secs % 1) * 1e3)
+        assert f"({size},)" in rec.workload.mod.script()  # the record points at its own workload
+        seen.add((writer, size, round((secs - writer - size * 1e-3) * 1e6)))
+    assert len(seen) == 48
+
+
+def test_torn_last_line_is_dropped(tuned, tmp_path):
+    import shutil
+
+    from tvm.s_tir import meta_schedule as ms
+
+    from graphopt.targets.registry import resolve_target
+    from graphopt.targets.tuning_store import TuningStore
+
+    _, _, db, _, _ = tuned
+    copy = str(tmp_path / "db")
+    shutil.copytree(db, copy)
+    (path,) = glob.glob(os.path.join(copy, "*", "database_tuning_record.json"))
+    good = record_lines(copy)
+    with open(path, "a") as f:
+        f.write('[0, [[["GetSBlock", [], ["ro')  # a writer died here
+    store = TuningStore(copy, resolve_target("x86").to_json())
+    assert store.load(ms.database.MemoryDatabase()) == len(good)
+    assert record_lines(copy) == good
