@@ -22,7 +22,7 @@ def digits():
 def test_small_explore_meets_the_budget_on_held_out_data(digits, tmp_path):
     model, train, val, held_out, calib = digits
     cands = [Candidate("fused fp32", "fold,fuse"),
-             Candidate("int8 static", "fold,quantize{mode=int8},fuse"),
+             Candidate("int8 mixed", "fold,quantize{mode=int8,max_error=0.02},fuse"),
              Candidate("prune 0.5", "fold,prune{ratio=0.5}", "fuse", finetune=True)]
     result = explore(model, (val[0][:1],), "x86", evaluate=val, max_accuracy_drop=0.01, train_data=train,
                      calibration_data=calib, candidates=cands, cache_dir=str(tmp_path / "cache"),
@@ -38,7 +38,8 @@ def test_small_explore_meets_the_budget_on_held_out_data(digits, tmp_path):
     # the report holds the numbers
     report = open(result.report).read()
     assert result.chosen.pipeline in report and f"{result.chosen.accuracy:.4f}" in report
-    for png in ("accuracy_latency.png", "size.png"):
+    assert "Per-layer quantization sensitivity" in report and "| fc1 |" in report
+    for png in ("accuracy_latency.png", "size.png", "sensitivity.png"):
         assert os.path.getsize(tmp_path / "report" / png) > 1000
     # a second run is served from the cache: same numbers, nothing rebuilt
     again = explore(model, (val[0][:1],), "x86", evaluate=val, train_data=train, calibration_data=calib,

@@ -105,6 +105,9 @@ def default_candidates(target_features: Iterable[str], kind: str, with_training:
     cands = [
         Candidate("fused fp32", "fold,fuse"),
         Candidate("int8 static", "fold,quantize{mode=int8},fuse"),
+        # accuracy-aware: measures every layer's sensitivity (plotted in the report) and
+        # keeps the most sensitive ones in float until the output error is within 2%
+        Candidate("int8 mixed", "fold,quantize{mode=int8,max_error=0.02},fuse"),
         # dynamic int8 builds unfused for now: its run-time scale tuple does not fit a fused kernel yet
         Candidate("int8 dynamic", "fold,quantize{mode=dynamic}"),
     ]

@@ -116,6 +116,11 @@ class Quantize(GraphPass):
                 graph.annotations["calibration_data"] = saved
         table = report.table()
         graph.annotations["quantize_sensitivity"] = table
+        # the same numbers as records, for reports (graphopt.explore plots them)
+        graph.annotations["quant_sensitivity"] = [
+            {"layer": report.layers[name] or name, "node": name, "error": float(err),
+             "kept_float": name in report.kept_float}
+            for name, err in sorted(report.sensitivity.items(), key=lambda kv: -kv[1])]
         graph.annotations["quantize_error"] = report.final_error
         _log.info("%s", table)
         if report.final_error > self.max_error:
