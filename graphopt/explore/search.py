@@ -184,11 +184,22 @@ def build_candidate(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], ta
     graph = graphopt.optimize(model, inputs, cand.before, calibration_data=calibration_data)
     if cand.finetune:
         t1 = time.perf_counter()
-        graphopt.finetune(graph, train_data, teacher=model, epochs=finetune_epochs, distill=True)
+        # The captured graph's reshapes hold its example batch size, so fine-tune at that batch.
+        xs, ys = _as_pair(train_data)
+        graphopt.finetune(graph, (xs, ys), teacher=model, epochs=finetune_epochs, distill=True,
+                          batch_size=int(inputs[0].shape[0]), progress=False)
         finetune_s = time.perf_counter() - t1
     if cand.after:
         graph = graphopt.optimize(graph, pipeline=cand.after, calibration_data=calibration_data)
     return graph, graphopt.compile(graph, target, pipeline="none"), finetune_s
+
+
+def _as_pair(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) from an (x, y) pair or an iterable of (x, y) batches."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return data[0], data[1]
+    batches = list(data)
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
 
 
 def run_candidate(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], target: Any, cand: Candidate,
