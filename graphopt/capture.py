@@ -99,7 +99,7 @@ def _unlift(ep: torch.export.ExportedProgram) -> tuple[fx.GraphModule, Any]:
     env: dict[fx.Node, fx.Node] = {}
     fake_mode = None
     for node in ep.graph.nodes:
-        if node.op == "call_function" and node.target in _RUNTIME_ASSERTIONS:
+        if node.op == "call_function" and node.target in RUNTIME_ASSERTIONS:
             continue  # export re-checks dtypes/shapes at run time; our meta already fixes them
         if node.op == "placeholder" and node.name in lifted:
             target, tensor, is_param = lifted[node.name]
@@ -124,7 +124,7 @@ def _unlift(ep: torch.export.ExportedProgram) -> tuple[fx.GraphModule, Any]:
     return fx.GraphModule(root, new_graph), fake_mode
 
 
-_RUNTIME_ASSERTIONS = {
+RUNTIME_ASSERTIONS = {
     torch.ops.aten._assert_tensor_metadata.default,
     torch.ops.aten._assert_scalar.default,
     torch.ops.aten.sym_constrain_range_for_size.default,

@@ -30,13 +30,14 @@ class Fold(GraphPass):
 
     def run(self, graph: Graph) -> PassResult:
         stats: dict[str, int] = {}
-        changed = False
+        changed = stale = False
         for p in (RemoveNoOps(), FoldBatchNorm(), FoldConstants(), CommonSubexpressionElimination(),
                   DeadCodeElimination()):
-            r = p.run(graph)
-            if r.changed:
+            if stale:  # the next sub-pass reads shape meta; after the last, the pass manager refreshes it
                 graph.recompile()
-                changed = True
+            r = p.run(graph)
+            stale = r.changed
+            changed |= r.changed
             for k, v in r.stats.items():
                 stats[f"{p.name}.{k}"] = v
         return PassResult(changed, stats)

@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from graphopt.graph import Graph
 from graphopt.passes_base import GraphPass, PassResult, option, register_pass
+from graphopt.passes.dce import remove_dead_code
 from graphopt.passes.utils import is_pure
 
 
@@ -54,8 +55,5 @@ class FoldConstants(GraphPass):
             node.replace_all_uses_with(const)
             folded += 1
         if folded:
-            for node in reversed(list(graph.nodes)):
-                if node.op == "call_function" and not node.users and is_pure(node):
-                    graph.fx_graph.erase_node(node)
-            graph.prune_unused_constants()
+            remove_dead_code(graph)
         return PassResult(folded > 0, {"folded": folded})

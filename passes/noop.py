@@ -15,12 +15,12 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
+from graphopt.capture import RUNTIME_ASSERTIONS
 from graphopt.graph import Graph
 from graphopt.passes_base import GraphPass, PassResult, register_pass
 from graphopt.passes.utils import aten, is_op
 
 _COPIES = (aten.clone, aten.alias, aten.detach, aten.lift_fresh_copy, aten.contiguous)
-_RUNTIME_CHECKS = (aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size)
 _RESHAPES = (aten.view, aten.reshape, aten._unsafe_view, aten.expand, aten.flatten, aten.squeeze, aten.unsqueeze)
 
 
@@ -85,7 +85,7 @@ class RemoveNoOps(GraphPass):
         removed = 0
         outputs = set(graph.output_values())
         for node in list(graph.nodes):
-            if is_op(node, *_RUNTIME_CHECKS) and not node.users:
+            if node.op == "call_function" and node.target in RUNTIME_ASSERTIONS and not node.users:
                 # export's re-checks of dtypes/shapes that the graph's meta already fixes
                 graph.fx_graph.erase_node(node)
                 removed += 1
