@@ -37,18 +37,23 @@ except ImportError as e:  # pragma: no cover - TVM is a hard dependency
     raise ImportError(f"graphopt's TVM backend needs apache-tvm 0.27: {e}") from e
 
 
-# Converters for ops TVM's importer lacks (quantize/dequantize, integer kernels, ...), keyed
-# by the ATen op's ``__name__`` like the importer's own map. Modules register into it with
-# ``@register_converter("quantize_per_tensor.default")``; a converter is called as
-# ``fn(importer, node)`` and returns the Relax expression for the node.
+# Converters graphopt adds to TVM's importer, keyed by the ATen op's ``__name__`` like the
+# importer's own map, in two tiers:
+#  * fixes (``register_converter(op, fixes_importer=True)``) correct what TVM's importer gets
+#    wrong (NaN semantics, half precision, attention's scale): they replace its entry in the
+#    *base* map, ``importer.importer_convert_map``, which every other converter defers to;
+#  * extras (quantize/dequantize, integer kernels, ...) sit on top of the base map.
+# A converter is called as ``fn(importer, node)`` and returns the node's Relax expression;
+# ``importer.tvm_convert_map`` holds TVM's untouched converters for the fixes to defer to.
+FIX_CONVERTERS: dict[str, Callable[["GraphImporter", fx.Node], Any]] = {}
 EXTRA_CONVERTERS: dict[str, Callable[["GraphImporter", fx.Node], Any]] = {}
 # Modules that register converters; imported on first use so TVM-free code paths stay light.
 _CONVERTER_MODULES = ("graphopt.targets.ops", "graphopt.targets.quantized")
 
 
-def register_converter(op_name: str):
+def register_converter(op_name: str, *, fixes_importer: bool = False):
     def wrap(fn):
-        EXTRA_CONVERTERS[op_name] = fn
+        (FIX_CONVERTERS if fixes_importer else EXTRA_CONVERTERS)[op_name] = fn
         return fn
 
     return wrap
@@ -80,9 +85,10 @@ class GraphImporter(ExportedProgramImporter):
     def __init__(self, extra_convert_map: dict[str, Callable[[fx.Node], Any]] | None = None):
         super().__init__()
         _load_converter_modules()
-        self.importer_convert_map = dict(self.convert_map)  # TVM's own, for converters to defer to
-        for op_name, fn in EXTRA_CONVERTERS.items():
-            self.convert_map[op_name] = (lambda f: lambda node: f(self, node))(fn)
+        bind = lambda f: lambda node: f(self, node)  # noqa: E731
+        self.tvm_convert_map = dict(self.convert_map)
+        self.importer_convert_map = {**self.tvm_convert_map, **{op: bind(f) for op, f in FIX_CONVERTERS.items()}}
+        self.convert_map = {**self.importer_convert_map, **{op: bind(f) for op, f in EXTRA_CONVERTERS.items()}}
         if extra_convert_map:
             self.convert_map.update(extra_convert_map)
         self._sym_vars: dict[str, tirx.Var] = {}
@@ -294,13 +300,13 @@ def lower_to_relax(graph: Graph, extra_convert_map: dict[str, Callable] | None =
 
 
 # --- converters the importer lacks or gets wrong (found by graphopt.fuzz; tests/test_regressions.py)
-@register_converter("_unsafe_view.default")
+@register_converter("_unsafe_view.default", fixes_importer=True)
 def _unsafe_view(importer: GraphImporter, node: fx.Node) -> relax.Expr:
     """export spells ``flatten`` of a non-contiguous tensor as clone + ``_unsafe_view``: a reshape."""
     return importer._reshape(node)
 
 
-@register_converter("scaled_dot_product_attention.default")
+@register_converter("scaled_dot_product_attention.default", fixes_importer=True)
 def _sdpa(importer: GraphImporter, node: fx.Node) -> relax.Expr:
     """SDPA for 2-, 3- and 4-d inputs, honouring ``scale``.
 

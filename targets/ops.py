@@ -1,4 +1,7 @@
-"""Converters that replace TVM importer lowerings whose semantics differ from PyTorch's.
+"""Converters that fix TVM importer lowerings whose semantics differ from PyTorch's.
+
+They are registered with ``fixes_importer=True``, so they replace the importer's own entry
+in the base map every other converter (e.g. the integer ones) falls back to.
 
 TVM lowers ``relu`` to ``max(x, 0)`` and clamps to ``min(max(x, lo), hi)``; LLVM compiles
 those to maxnum/minnum, which return the *non*-NaN operand. PyTorch propagates NaN
@@ -31,28 +34,28 @@ def _select_clamp(importer, node: fx.Node, lo: float | None, hi: float | None) -
     return out
 
 
-@register_converter("relu.default")
+@register_converter("relu.default", fixes_importer=True)
 def relu(importer, node: fx.Node) -> relax.Expr:
     return _select_clamp(importer, node, 0.0, None)
 
 
-@register_converter("hardtanh.default")
+@register_converter("hardtanh.default", fixes_importer=True)
 def hardtanh(importer, node: fx.Node) -> relax.Expr:
     lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
     hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
     return _select_clamp(importer, node, float(lo), float(hi))
 
 
-@register_converter("clamp.default")
+@register_converter("clamp.default", fixes_importer=True)
 def clamp(importer, node: fx.Node) -> relax.Expr:
     lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
     hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
     if isinstance(lo, fx.Node) or isinstance(hi, fx.Node):
-        return importer.importer_convert_map["clamp.default"](node)
+        return importer.tvm_convert_map["clamp.default"](node)
     return _select_clamp(importer, node, None if lo is None else float(lo), None if hi is None else float(hi))
 
 
-@register_converter("relu6.default")
+@register_converter("relu6.default", fixes_importer=True)
 def relu6(importer, node: fx.Node) -> relax.Expr:
     return _select_clamp(importer, node, 0.0, 6.0)
 
@@ -70,7 +73,7 @@ def _pair(v) -> list[int]:
     return [int(d) for d in (v * 2 if len(v) == 1 else v)]
 
 
-@register_converter("max_pool2d.default")
+@register_converter("max_pool2d.default", fixes_importer=True)
 def max_pool2d(importer, node: fx.Node) -> relax.Expr:
     """Max pooling that returns NaN for a window holding a NaN, like PyTorch.
 
@@ -86,7 +89,7 @@ def max_pool2d(importer, node: fx.Node) -> relax.Expr:
     out_val = node.meta.get("val")
     spatial_out = list(out_val.shape[-2:]) if out_val is not None else []
     if not str(x.ty.dtype).startswith(("float", "bfloat")) or not all(isinstance(d, int) for d in spatial_out):
-        return importer.importer_convert_map["max_pool2d.default"](node)  # integers have no NaN
+        return importer.tvm_convert_map["max_pool2d.default"](node)  # integers have no NaN
     kernel = _pair(args[1])
     stride = _pair(args[2]) if len(args) > 2 and args[2] else kernel
     padding = _pair(args[3]) if len(args) > 3 else [0, 0]
@@ -117,8 +120,9 @@ def max_pool2d(importer, node: fx.Node) -> relax.Expr:
 _HALF = ("float16", "bfloat16")
 
 
+@register_converter("conv2d.default", fixes_importer=True)
 def conv2d_any_float(importer, node: fx.Node) -> relax.Expr:
-    """conv2d for fp32, fp16 and bf16 inputs (the quantized converter defers float convs here).
+    """conv2d for fp32, fp16 and bf16 inputs.
 
     TVM's importer hard-codes ``out_dtype="float32"`` and then adds the bias in the input's
     dtype, which fails for half inputs. PyTorch's half conv accumulates in fp32 and returns
@@ -128,7 +132,7 @@ def conv2d_any_float(importer, node: fx.Node) -> relax.Expr:
     x = args[0]
     dtype = str(x.ty.dtype)
     if dtype not in _HALF:
-        return importer.importer_convert_map["conv2d.default"](node)
+        return importer.tvm_convert_map["conv2d.default"](node)
     bias = args[2] if len(args) > 2 else None
     out = importer._conv2d_impl(x, args[1], None, args[3] if len(args) > 3 else 1, args[4] if len(args) > 4 else 0,
                                 args[5] if len(args) > 5 else 1, args[6] if len(args) > 6 else 1)
@@ -140,11 +144,12 @@ def conv2d_any_float(importer, node: fx.Node) -> relax.Expr:
     return bb.emit(relax.op.astype(out, dtype))
 
 
+@register_converter("linear.default", fixes_importer=True)
 def linear_any_float(importer, node: fx.Node) -> relax.Expr:
     """linear for fp32, fp16 and bf16 inputs: the importer hard-codes a float32 result."""
     args = importer.retrieve_args(node)
     dtype = str(args[0].ty.dtype)
     if dtype not in _HALF:
-        return importer.importer_convert_map["linear.default"](node)
+        return importer.tvm_convert_map["linear.default"](node)
     bias = args[2] if len(args) > 2 else None
     return importer.block_builder.emit(relax.op.linear(args[0], args[1], bias, dtype))

@@ -131,11 +131,6 @@ def _convert_dequantize(importer, node: fx.Node) -> relax.Expr:
 
 
 def _base_converter(importer, node: fx.Node):
-    if node.target.__name__ in ("conv2d.default", "linear.default"):  # float op, fp32 or half precision
-        from graphopt.targets.ops import conv2d_any_float, linear_any_float
-
-        convert = conv2d_any_float if node.target.__name__ == "conv2d.default" else linear_any_float
-        return convert(importer, node)
     base = getattr(importer, "importer_convert_map", None)
     if base is None:
         base = importer.__dict__.setdefault("_graphopt_base_map", importer.create_convert_map())
