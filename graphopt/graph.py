@@ -263,13 +263,18 @@ def check_shape(spec: TensorSpec, shape: tuple[int, ...], dtype: str) -> None:
     """Raise InputError when a concrete shape/dtype does not fit a (maybe symbolic) spec."""
     if dtype != spec.dtype:
         raise InputError(f"input {spec.name!r}: expected dtype {spec.dtype}, got {dtype}")
+    symbolic = any(isinstance(d, str) for d in spec.shape)
+    # symbolic (dynamic) dims accept any size: say so, or "(s31, 4)" reads like a fixed shape
+    shown = ("(" + ", ".join(f"{d}=any" if isinstance(d, str) else str(d) for d in spec.shape) + ")"
+             if symbolic else str(tuple(spec.shape)))
     if len(shape) != len(spec.shape):
         raise InputError(f"input {spec.name!r}: expected rank {len(spec.shape)} "
-                         f"(shape {tuple(spec.shape)}), got rank {len(shape)} (shape {shape})")
+                         f"(shape {shown}), got rank {len(shape)} (shape {shape})")
     for axis, (want, got) in enumerate(zip(spec.shape, shape)):
         if isinstance(want, int) and want != got:
-            raise InputError(f"input {spec.name!r}: expected shape {tuple(spec.shape)}, got {shape} "
-                             f"(dimension {axis} must be {want})")
+            vary = "; only the symbolic dimensions vary" if symbolic else ""
+            raise InputError(f"input {spec.name!r}: expected shape {shown}, got {shape} "
+                             f"(dimension {axis} must be {want}{vary})")
 
 
 @dataclass
