@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 import numpy as np  # noqa: E402
+
+from graphopt import timing  # noqa: E402
 import torch  # noqa: E402
 
 import graphopt  # noqa: E402
@@ -31,13 +31,7 @@ from test_quantize import x86_target  # noqa: E402
 
 
 def median_ms(fn, x, repeat):
-    fn(x)
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    return timing.median_ms(lambda: fn(x), runs=repeat, warmup=1)
 
 
 def dir_size(path):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,8 +35,8 @@ import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 from tvm.relax.frontend.torch import from_exported_program  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from targets.schedules import cpu_layout_passes, cpu_schedule_pass  # noqa: E402
+from graphopt import timing  # noqa: E402
+from graphopt.targets.schedules import cpu_layout_passes, cpu_schedule_pass  # noqa: E402
 
 MODELS = ["mlp", "cnn", "resnet18", "mobilenet_v2", "transformer"]
 _PIPE = relax.backend.cpu_generic.pipeline
@@ -107,16 +106,8 @@ def build(mod, target, scheduled: bool):
 
 
 def median_ms(fn, runs: int, budget_s: float = 10.0) -> float:
-    fn()
-    fn()
     clock = time.process_time if CPU_TIME else time.perf_counter
-    times = []
-    start = time.perf_counter()
-    while len(times) < runs and (len(times) < 3 or time.perf_counter() - start < budget_s):
-        t0 = clock()
-        fn()
-        times.append(clock() - t0)
-    return statistics.median(times) * 1e3
+    return timing.median_ms(fn, runs, warmup=2, budget_s=budget_s, clock=clock)
 
 
 def _first(out):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from typing import Callable, Sequence
+
+from graphopt import timing
 
 THREADS = int(os.environ.setdefault("TVM_NUM_THREADS", "2"))
 
@@ -18,15 +18,7 @@ def set_threads() -> None:
 
 def median_ms(fn: Callable[[], object], runs: int = 30, warmup: int = 3, budget_s: float = 20.0) -> float:
     """Median wall time of ``fn()`` in ms; stops early once ``budget_s`` is spent (slow baselines)."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < runs and (len(times) < 3 or time.perf_counter() - start < budget_s):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    return timing.median_ms(fn, runs, warmup, budget_s)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -17,7 +17,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import numpy as np
 
@@ -103,13 +102,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for spec in module.inputs:
         shape = [d if isinstance(d, int) else args.batch for d in spec.shape]
         inputs.append(rng.standard_normal(shape).astype(spec.dtype))
-    for _ in range(args.warmup):
-        module(*inputs)
-    times = []
-    for _ in range(args.runs):
-        t = time.perf_counter()
-        module(*inputs)
-        times.append(time.perf_counter() - t)
+    from graphopt.timing import time_calls
+
+    times = time_calls(lambda: module(*inputs), runs=args.runs, warmup=args.warmup)
     med = statistics.median(times) * 1e3
     print(f"{args.artifact}: median {med:.3f} ms over {args.runs} runs (min {min(times) * 1e3:.3f} ms, "
           f"TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS')})")

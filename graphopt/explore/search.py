@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import statistics
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from graphopt.errors import GraphoptError, PipelineError
+from graphopt.timing import median_ms
 
 
 @dataclass(frozen=True)
@@ -160,17 +160,6 @@ def _fingerprint(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def _latency_ms(module: Callable, inputs: Sequence[Any], runs: int = 20, budget_s: float = 5.0) -> float:
-    module(*inputs)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < runs and (len(times) < 3 or time.perf_counter() - start < budget_s):
-        t = time.perf_counter()
-        module(*inputs)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
-
-
 def _dir_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
 
@@ -215,7 +204,7 @@ def run_candidate(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], targ
         res.size_bytes = _dir_size(path)
         res.accuracy = float(metric(module))
         res.accuracy_drop = baseline - res.accuracy
-        res.latency_ms = _latency_ms(module, inputs)
+        res.latency_ms = median_ms(lambda: module(*inputs), runs=20, warmup=1, budget_s=5.0)
         res.pass_records = list(graph.annotations.get("pass_records", []))
         res.sensitivity = list(graph.annotations.get("quant_sensitivity", []))
     except (GraphoptError, RuntimeError, ValueError, TypeError) as e:
