@@ -23,11 +23,12 @@ import numpy as np
 from graphopt.errors import GraphoptError, InputError
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, pipeline: bool = True) -> None:
     p.add_argument("model", help="FILE.py:FACTORY, torchvision:NAME, or a reference model name (mlp, cnn, ...)")
     p.add_argument("--input-shape", action="append", metavar="SHAPE",
                    help="example input shape, e.g. 1,3,224,224 (repeat for several inputs)")
-    p.add_argument("--pipeline", default="default", help='pass pipeline, e.g. "fold,fuse" (default: %(default)s)')
+    if pipeline:
+        p.add_argument("--pipeline", default="default", help='pass pipeline, e.g. "fold,fuse" (default: %(default)s)')
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -295,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_tune)
 
     p = sub.add_parser("explore", help="search pipelines for the best accuracy/latency/size trade-off")
-    _add_model_args(p)
+    _add_model_args(p, pipeline=False)  # explore chooses the pipeline
     p.add_argument("--target", default="x86")
     p.add_argument("--data", required=True, help="'digits' (scikit-learn's bundled digits) or FILE.npz with "
                    "arrays x, y (evaluation) and optionally x_train, y_train (pruning + distillation)")
