@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
 os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
@@ -26,8 +25,6 @@ import torch  # noqa: E402
 import graphopt  # noqa: E402
 from graphopt.models import REFERENCE_MODELS, load_digits_split, train_digits  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from test_quantize import x86_target  # noqa: E402
 
 
 def median_ms(fn, x, repeat):
@@ -106,7 +103,7 @@ def bench(name, repeat):
     with tempfile.TemporaryDirectory() as tmp:
         ours = {}
         for label, pipe in (("ours fp32", "fold"), ("ours int8", int8_pipe)):
-            cm = graphopt.compile(model, x86_target(), (x,), pipe, calibration_data=calib)
+            cm = graphopt.compile(model, "x86", (x,), pipe, calibration_data=calib)
             cm.save(os.path.join(tmp, label.replace(" ", "_")))
             ours[label] = (lambda c: lambda t: c(np.asarray(t, dtype=np.float32)))(cm), \
                 dir_size(os.path.join(tmp, label.replace(" ", "_")))

@@ -8,19 +8,9 @@ import graphopt
 from graphopt.errors import PassError, PipelineError
 from graphopt.passes.quantize.observers import make_observer
 from graphopt.passes.quantize.qdq import activation_qparams, quantize_weight
-from graphopt.targets.registry import host_cpu_features, resolve_target
+from graphopt.targets.registry import resolve_target
 
 qd = torch.ops.quantized_decomposed
-
-
-def x86_target():
-    """The host preset; while the registry maps AVX512-BF16 hosts without AVX-VNNI (AMD Zen 4)
-    to ``sapphirerapids``, LLVM emits VEX vpdpwssd for int8 loops and the host faults (SIGILL):
-    switch those features off explicitly."""
-    spec = resolve_target("x86")
-    if spec.tvm.get("mcpu") == "sapphirerapids" and "avx_vnni" not in host_cpu_features():
-        return {**spec.tvm, "mattr": ["-avxvnni", "-avx512fp16", "-amx-tile", "-amx-int8", "-amx-bf16"]}
-    return "x86"
 
 
 class ConvNet(nn.Module):
@@ -185,7 +175,7 @@ def test_dynamic_mode_quantizes_activations_at_run_time():
     assert _count(q, qd.choose_qparams_symmetric.tensor) == 2
     assert _count(q, qd.quantize_per_tensor.tensor) == 2
     assert _sqnr_db(model(x).detach(), q(x)[0]) >= 25
-    cm = graphopt.compile(q, x86_target(), pipeline="none")
+    cm = graphopt.compile(q, "x86", pipeline="none")
     torch.testing.assert_close(cm(x), q(x)[0], rtol=0, atol=2e-2)
 
 
@@ -267,7 +257,7 @@ def _integer_kernels(mod):
 def test_lowering_emits_int8_int32_conv_and_linear(quantized):
     from tvm import relax
 
-    mod, fused = _legalized(quantized, x86_target())
+    mod, fused = _legalized(quantized, "x86")
     text = mod["main"].script()
     assert text.count('out_dtype="int32"') == 3  # two conv2d + one linear matmul
     assert 'R.nn.pad' in text  # asymmetric activation padded with its zero point
@@ -284,7 +274,7 @@ def test_lowering_emits_int8_int32_conv_and_linear(quantized):
 
 def test_compiled_int8_matches_fake_quant_graph_and_saves(convnet, quantized, tmp_path):
     model, _, test = convnet
-    cm = graphopt.compile(quantized, x86_target(), pipeline="none")
+    cm = graphopt.compile(quantized, "x86", pipeline="none")
     out, ref = cm(test), quantized(test)[0]
     # integer kernels vs the eager fake-quant reference: differences are rounding at
     # requantization, a few quantization steps at most
@@ -321,7 +311,7 @@ def test_prune_then_quantize_pipeline(convnet, tmp_path):
     if "prune" not in graphopt.passes_base.registered_passes():
         pytest.skip("the prune pass is not registered yet")
     model, calib, test = convnet
-    cm = graphopt.compile(model, x86_target(), (test,), "fold,prune{ratio=0.5},quantize{mode=int8}",
+    cm = graphopt.compile(model, "x86", (test,), "fold,prune{ratio=0.5},quantize{mode=int8}",
                           calibration_data=calib)
     q = cm.graph
     assert _count(q, qd.dequantize_per_channel.default) >= 2
@@ -365,11 +355,11 @@ def test_int8_with_fusion_groups_builds_integer_kernels(convnet, pipeline):
     if pipeline.startswith("quantize"):  # fuse saw the QDQ form: the next layer's quantize joins the epilogue
         assert any(m.target is qd.quantize_per_tensor.default for ms in groups.values() for m in ms)
     assert len(kernel_launches(lower_to_relax(q), resolve_target("x86"), "graph")) == expected_kernels(q)
-    kernels = _integer_kernels(_graph_fused(q, x86_target()))
+    kernels = _integer_kernels(_graph_fused(q, "x86"))
     assert len(kernels) == 3, kernels
     assert all(reads <= {"int8", "int32"} and acc == "int32" for _, reads, acc in kernels)
 
-    cm = graphopt.compile(q, x86_target(), pipeline="none")
+    cm = graphopt.compile(q, "x86", pipeline="none")
     assert cm.manifest["fusion"] == "graph"
     out, ref = cm(test), q(test)[0]
     step = float(ref.abs().max()) / 127
@@ -392,7 +382,7 @@ def test_dynamic_mode_with_fusion_groups_compiles(pipeline):
     q = graphopt.optimize(model, (x,), pipeline)
     assert _count(q, qd.choose_qparams_symmetric.tensor) == 2 and node_groups(q)
     assert len(kernel_launches(lower_to_relax(q), resolve_target("x86"), "graph")) == expected_kernels(q)
-    cm = graphopt.compile(q, x86_target(), pipeline="none")
+    cm = graphopt.compile(q, "x86", pipeline="none")
     assert cm.manifest["fusion"] == "graph"
     out, ref = cm(x), q(x)[0]
     assert out.shape == ref.shape and out.dtype == ref.dtype

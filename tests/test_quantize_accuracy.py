@@ -6,7 +6,6 @@ import torch
 import graphopt
 from graphopt.models import REFERENCE_MODELS, accuracy, digits_cnn, digits_mlp, load_digits_split, train_digits
 
-from test_quantize import x86_target
 
 
 def _cosine(a, b):
@@ -19,7 +18,7 @@ def test_digits_static_int8_compiled_within_half_a_point(build, image):
     model, fp32_acc = train_digits(build())
     xtr, _, xte, yte = load_digits_split(image=image)
     g = graphopt.capture(model, (xte[:2],), dynamic_shapes="batch")
-    cm = graphopt.compile(g, x86_target(), pipeline="fold,quantize{mode=int8}", calibration_data=[xtr[:256]])
+    cm = graphopt.compile(g, "x86", pipeline="fold,quantize{mode=int8}", calibration_data=[xtr[:256]])
     assert cm.graph.annotations["quantize"]["float"] == []
     int8_acc = accuracy(lambda x: cm(x), xte, yte)
     assert int8_acc >= fp32_acc - 0.005, (fp32_acc, int8_acc)
@@ -31,7 +30,7 @@ def _big(name, pipeline, compiled):
     calib = [ref.example_input(1, seed=s) for s in range(1, 9)]
     held_out = [ref.example_input(1, seed=s) for s in range(100, 103)]
     if compiled:
-        run = graphopt.compile(model, x86_target(), (calib[0],), pipeline, calibration_data=calib)
+        run = graphopt.compile(model, "x86", (calib[0],), pipeline, calibration_data=calib)
         outs = [run(x) for x in held_out]
     else:
         q = graphopt.optimize(model, (calib[0],), pipeline, calibration_data=calib)
