@@ -64,6 +64,43 @@ def test_load_runs_in_a_fresh_process_without_the_model(compiled, tmp_path):
     assert_matches_eager(torch.from_numpy(np.load(tmp_path / "y.npy")), m, (x,))
 
 
+class ConstantAndPassThroughOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return x * 2, self.w * 3, x  # fresh, a constant once folded, the input itself
+
+
+def test_outputs_never_alias_module_state_or_inputs():
+    """Outputs reach torch without a copy (DLPack); ones that are not fresh buffers are copied,
+    so editing a result in place changes neither the next call's result nor the input."""
+    model = ConstantAndPassThroughOutputs().eval()
+    module = graphopt.compile(model, "x86", (torch.randn(4),), "fold")
+    x = torch.randn(4)
+    x_before = x.clone()
+    for out in module(x):
+        out.add_(100.0)
+    assert torch.equal(x, x_before)
+    with torch.no_grad():
+        for got, want in zip(module(x), model(x)):
+            assert torch.equal(got, want)
+
+
+def test_inputs_in_any_memory_layout_give_eager_results(compiled):
+    """Unaligned views, strided views and tensors that require grad take the copying path
+    (TVM kernels assume 64-byte aligned, dense buffers)."""
+    model, _, module, _ = compiled
+    n = 3 * 8 * 8
+    unaligned = torch.randn(n + 1)[1:].view(1, 3, 8, 8)
+    strided = torch.randn(1, 3, 8, 16)[..., ::2]
+    grad = torch.randn(1, 3, 8, 8, requires_grad=True)
+    with torch.no_grad():
+        for x in (unaligned, strided, grad):
+            assert_matches_eager(module(x), model, (x.detach(),))
+
+
 def test_wrong_inputs_get_typed_errors(compiled):
     _, x, module, _ = compiled
     with pytest.raises(InputError, match=r"expected shape \(1, 3, 8, 8\), got \(1, 3, 9, 8\)"):
