@@ -107,6 +107,9 @@ def compile(model: "torch.nn.Module | Graph", target: Any = "x86", example_input
         "inputs": [s.to_json() for s in optimized.input_specs],
         "outputs": [s.to_json() for s in optimized.output_specs],
     }
+    device_code = getattr(executable, "graphopt_device_code", None)
+    if device_code is not None:  # GPU targets: what form the kernels ship in (targets/cuda_device.py)
+        manifest["device_code"] = device_code.to_json()
     module = CompiledModule(executable, manifest)
     module.graph = optimized
     module.stats = {"capture_s": t1 - t0, "passes_s": t2 - t1, "build_s": t3 - t2, "total_s": t3 - t0,

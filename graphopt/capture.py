@@ -56,6 +56,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Any = N
         model.train(was_training)
 
     gm, fake_mode = _unlift(ep)
+    _keep_dynamic_dims_symbolic(gm)
     graph = Graph(gm, tuple(a.detach() for a in args), name=name, fake_mode=fake_mode)
     graph.refresh_meta()
     graph.check()
@@ -122,6 +123,36 @@ def _unlift(ep: torch.export.ExportedProgram) -> tuple[fx.GraphModule, Any]:
             new_graph.erase_node(node)
     # GraphModule copies only the attributes some get_attr node reaches.
     return fx.GraphModule(root, new_graph), fake_mode
+
+
+def _keep_dynamic_dims_symbolic(gm: fx.GraphModule) -> None:
+    """Stop later code from silently specializing the user's dynamic dimensions.
+
+    The graph's fake tensors share torch's ShapeEnv. Anything that asks a symbolic size for
+    a Python value (``int(t.numel())`` in a cost model) gets the example value *and*
+    records the guard ``s31 == 2``, which torch turns into a replacement: from then on
+    every new shape meta, the output specs and the manifest say batch 2, and the graph
+    (and its original) is static without anyone having asked for it. After capture there
+    is no program left to guard, so on this graph's ShapeEnv such guards keep answering
+    with the example value but no longer rewrite the symbols. (Passes must still not make
+    structural decisions from that value; tests/test_dynamic_batch.py checks batches 1/3/8.)
+    """
+    placeholders = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    symbols, env = set(), None
+    for val in placeholders:
+        for d in getattr(val, "shape", ()):
+            if isinstance(d, torch.SymInt):
+                env = d.node.shape_env
+                symbols |= d.node.expr.free_symbols
+    if env is None or not hasattr(env, "_maybe_guard_rel"):
+        return
+    refine = env._maybe_guard_rel
+
+    def guard_without_specializing(expr):
+        if not (getattr(expr, "free_symbols", set()) & symbols):
+            refine(expr)
+
+    env._maybe_guard_rel = guard_without_specializing
 
 
 RUNTIME_ASSERTIONS = {

@@ -54,8 +54,32 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def dim_name(d: torch.SymInt) -> str:
+    """The user's name for a symbolic dimension: the ``torch.export.Dim`` name ("batch"),
+    not torch's internal symbol ("s31"); an expression of named dims reads "2*batch".
+
+    torch keeps the name as the debug name of the symbol's source; a dimension torch made
+    dynamic on its own has none and keeps its symbol. We read the symbol's *original*
+    expression (``_expr``): a pass that guarded on the example size would otherwise make
+    the dim print as that number.
+    """
+    node = d.node
+    expr = getattr(node, "_expr", None)
+    env = getattr(node, "shape_env", None)
+    if expr is None or env is None:
+        return str(d)
+    names = getattr(env, "source_name_to_debug_name", {})
+    rename = {}
+    for sym in getattr(expr, "free_symbols", ()):
+        sources = env.var_to_sources.get(sym) or []
+        name = next((names[s.name] for s in sources if s.name in names), None)
+        if name:
+            rename[sym] = type(sym)(name)
+    return str(expr.xreplace(rename)) if rename else str(expr)
+
+
 def _dim(d: Any) -> int | str:
-    return int(d) if not isinstance(d, torch.SymInt) else str(d)
+    return int(d) if not isinstance(d, torch.SymInt) else dim_name(d)
 
 
 def spec_of(name: str, val: torch.Tensor) -> TensorSpec:
@@ -263,18 +287,17 @@ def check_shape(spec: TensorSpec, shape: tuple[int, ...], dtype: str) -> None:
     """Raise InputError when a concrete shape/dtype does not fit a (maybe symbolic) spec."""
     if dtype != spec.dtype:
         raise InputError(f"input {spec.name!r}: expected dtype {spec.dtype}, got {dtype}")
-    symbolic = any(isinstance(d, str) for d in spec.shape)
-    # symbolic (dynamic) dims accept any size: say so, or "(s31, 4)" reads like a fixed shape
-    shown = ("(" + ", ".join(f"{d}=any" if isinstance(d, str) else str(d) for d in spec.shape) + ")"
-             if symbolic else str(tuple(spec.shape)))
+    symbolic = [d for d in spec.shape if isinstance(d, str)]
+    shown = str(tuple(spec.shape)).replace("'", "")  # (batch, 3, 32, 32), not ('batch', 3, 32, 32)
+    if symbolic:  # name the dims that vary, or "(batch, 4)" could read like a typo
+        shown += f" where {', '.join(dict.fromkeys(symbolic))} can be any size"
     if len(shape) != len(spec.shape):
         raise InputError(f"input {spec.name!r}: expected rank {len(spec.shape)} "
                          f"(shape {shown}), got rank {len(shape)} (shape {shape})")
     for axis, (want, got) in enumerate(zip(spec.shape, shape)):
         if isinstance(want, int) and want != got:
-            vary = "; only the symbolic dimensions vary" if symbolic else ""
             raise InputError(f"input {spec.name!r}: expected shape {shown}, got {shape} "
-                             f"(dimension {axis} must be {want}{vary})")
+                             f"(dimension {axis} must be {want})")
 
 
 @dataclass

@@ -12,6 +12,7 @@ import zlib
 
 import networkx as nx
 import torch
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from graphopt.printer import op_name, type_str
 
@@ -36,10 +37,9 @@ def to_networkx(graph) -> nx.DiGraph:
             aval = a.meta.get("val")
             nbytes = 0
             if isinstance(aval, torch.Tensor):
-                try:
-                    nbytes = int(aval.numel()) * aval.element_size()
-                except Exception:  # symbolic batch dimension
-                    nbytes = 0
+                # a symbolic (dynamic) dim counts at its example size: int() on the SymInt
+                # itself would guard it, i.e. specialize the graph to the example batch
+                nbytes = int(optimization_hint(aval.numel())) * aval.element_size()
             g.add_edge(a.name, n.name, bytes=nbytes)
     return g
 

@@ -41,8 +41,41 @@ def _cpu_schedule_passes(target: tvm.target.Target) -> tuple[list, list]:
 def _gpu_schedule_passes() -> list:
     from tvm.s_tir import dlight as dl
 
-    return [dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+    return [dl.ApplyDefaultSchedule(_int8_safe_matmul_rule(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                     dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
+
+
+def _int8_safe_matmul_rule():
+    """dlight's GPU Matmul rule without its int8 tensor-core path.
+
+    For an int8 x int8 -> int32 matmul (a quantized linear or 1x1 conv) with every extent
+    over 64, dlight's Matmul picks ``MatmulInt8Tensorization`` (WMMA fragments in dynamic
+    shared memory) on sm_70+, and TVM 0.27's CUDA codegen then fails on it ("Check failed:
+    (it != fragment_info_.end())"): mobilenet_v2 quantized to int8 did not build for cuda.
+    The rule decides on tensor cores from the target's arch only, so for functions with
+    int8 buffers it is shown the same target on a pre-Volta arch, which gives its generic
+    tiled SIMT schedule; everything else (fp32, fp16 tensor cores) is unchanged.
+    """
+    from tvm.s_tir import dlight as dl
+
+    class Int8SafeMatmul(dl.gpu.Matmul):
+        def apply(self, func, target, tunable):
+            if isinstance(func, tvm.tirx.PrimFunc) and _has_int8_buffers(func):
+                target = _without_tensor_cores(target)
+            return super().apply(func, target, tunable)
+
+    return Int8SafeMatmul()
+
+
+def _has_int8_buffers(func: tvm.tirx.PrimFunc) -> bool:
+    # TVM 0.27 PrimFunc parameters are the buffers themselves, typed by element dtype
+    return any(str(getattr(param, "dtype", "")) in ("int8", "uint8") for param in func.params)
+
+
+def _without_tensor_cores(target: tvm.target.Target) -> tvm.target.Target:
+    config = dict(target.export())
+    config["arch"] = "sm_61"  # the last arch before tensor cores (dp4a int8 is still there)
+    return tvm.target.Target(config)
 
 
 def relax_pipeline(spec: TargetSpec, *, fusion: Fusion = "tvm", schedules: bool = True,
@@ -87,11 +120,16 @@ def build(mod: tvm.IRModule, spec: TargetSpec, *, fusion: Fusion = "tvm", schedu
     target = spec.tvm_target()
     pipeline = relax_pipeline(spec, fusion=fusion, schedules=schedules, extra_passes=extra_passes)
     try:
-        return tvm.compile(mod, target=target, relax_pipeline=pipeline)
+        executable = tvm.compile(mod, target=target, relax_pipeline=pipeline)
     except Exception as e:  # TVM raises InternalError/TVMError/ValueError from deep inside
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         raise CompilationError(f"TVM build for target {spec.name} failed: "
                                f"{lines[-1] if lines else type(e).__name__}") from e
+    if spec.kind == "cuda":
+        from graphopt.targets.cuda_device import compile_device_code
+
+        executable.graphopt_device_code = compile_device_code(executable, target)
+    return executable
 
 
 def fusion_passes(fusion: Fusion) -> tuple[list, list]:

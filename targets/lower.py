@@ -17,12 +17,19 @@ from ``main``; free views outside groups stay inline (TVM turns them into no-cop
 reshapes). In fusion mode ``"graph"`` the build (targets/build.py) marks those functions
 ``Primitive`` after legalization, so FuseTIR makes exactly one PrimFunc per function; any
 other mode inlines them back first, which gives the plain op-by-op module.
+
+Sizes (``sym_size.int`` of a dynamic batch, arithmetic on sizes) are not tensors: they are
+TIR expressions built from the node's shape meta, with one TIR variable per symbolic dim,
+named as the user named the dim ("batch"). They are never kernels nor Relax parameters of
+one; a kernel whose sizes its tensor parameters do not define (a reshape to
+``(batch, 4096)``, or an input of shape ``(128*batch, 256)``) takes them as an ``R.Shape``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -96,12 +103,46 @@ class GraphImporter(ExportedProgramImporter):
     def _relax_shape(self, val: torch.Tensor) -> list[Any]:
         dims: list[Any] = []
         for d in val.shape:
-            if isinstance(d, torch.SymInt):
-                name = str(d)
-                dims.append(self._sym_vars.setdefault(name, tirx.Var(name, "int64")))
-            else:
-                dims.append(int(d))
+            dims.append(self._tir_expr(d.node.expr) if isinstance(d, torch.SymInt) else int(d))
         return dims
+
+    def _tir_expr(self, expr: Any) -> tirx.PrimExpr:
+        """A sympy size expression of torch's ShapeEnv as a TIR expression.
+
+        Symbols become TIR variables shared by every function of the module and named by the
+        user's dim ("batch", via graph.dim_name), so TVM's messages and the IR say what the
+        user called them. Only what export produces for sizes is handled: + * // % of
+        integers and symbols.
+        """
+        if isinstance(expr, (int, sympy.Integer)):
+            return tirx.IntImm("int64", int(expr))
+        if isinstance(expr, sympy.Symbol):
+            key = str(expr)
+            if key not in self._sym_vars:
+                self._sym_vars[key] = tirx.Var(self._sym_names.get(key, key), "int64")
+            return self._sym_vars[key]
+        args = [self._tir_expr(a) for a in expr.args]
+        if isinstance(expr, sympy.Add):
+            return _fold(lambda a, b: a + b, args)
+        if isinstance(expr, sympy.Mul):
+            return _fold(lambda a, b: a * b, args)
+        name = type(expr).__name__
+        if name == "FloorDiv":
+            return tirx.floordiv(args[0], args[1])
+        if name in ("Mod", "PythonMod"):
+            return tirx.floormod(args[0], args[1])
+        raise UnsupportedOpError(f"symbolic size {expr} ({name}) cannot be expressed in TVM")
+
+    def _symbolic_scalar(self, node: fx.Node) -> Any:
+        """A size-valued node (``sym_size.int``, arithmetic on sizes) as a TIR expression,
+        from its shape meta; None when its value is not a symbolic size."""
+        val = node.meta.get("val")
+        if not isinstance(val, torch.SymInt):
+            return None
+        try:
+            return self._tir_expr(val.node.expr)
+        except UnsupportedOpError:  # an unusual size expression: let the importer try
+            return None
 
     def check_supported(self, graph: Graph) -> None:
         for node in graph.call_nodes():
@@ -113,6 +154,7 @@ class GraphImporter(ExportedProgramImporter):
 
     def lower(self, graph: Graph) -> tvm.IRModule:
         self.check_supported(graph)
+        self._sym_names = _symbol_names(graph)
         params = []
         for node in graph.input_nodes:
             val = node.meta["val"]
@@ -139,7 +181,12 @@ class GraphImporter(ExportedProgramImporter):
                 self.env[node] = relax.const(self._convert_pytorch_tensor_to_tvm(tensor))
             elif node.op == "call_function":
                 kernel = kernels.get(node)
-                if kernel is None:
+                if is_size_value(node):
+                    # sizes are TIR expressions, not tensors: read from the meta, which also
+                    # works when the node reads the shape of a value inside a kernel
+                    size = self._symbolic_scalar(node)
+                    self.env[node] = size if size is not None else self._convert(node)
+                elif kernel is None:
                     self.env[node] = self._convert(node)
                 elif node is kernel.output:  # members come before their output in graph order
                     self.env[node] = self._emit_kernel(kernel)
@@ -159,7 +206,8 @@ class GraphImporter(ExportedProgramImporter):
         inputs: list[fx.Node] = []
         for m in kernel.nodes:
             for a in m.all_input_nodes:
-                if a not in members and a.op != "get_attr" and a not in inputs:
+                # sizes (a view's symbolic batch) stay TIR expressions inside the kernel
+                if a not in members and a.op != "get_attr" and a not in inputs and not is_size_value(a):
                     inputs.append(a)
         func, outer_args, constant_fields = self._kernel_function(kernel, inputs)
         free = relax.analysis.free_vars(func)
@@ -195,6 +243,21 @@ class GraphImporter(ExportedProgramImporter):
         """
         outer_args = [self.env[a] for a in inputs]
         params = [relax.Var(f"p_{a.name}", arg.ty) for a, arg in zip(inputs, outer_args)]
+        # Every size variable the kernel uses must be defined by its signature, or Relax
+        # erases the shapes that use it (the output of a kernel on a (128*batch, 256) view
+        # becomes "some 2-d tensor" and legalization of the next reshape fails). A parameter
+        # of shape (batch, ...) defines ``batch``; one of shape (128*batch, ...) does not, nor
+        # does a size the kernel reads (a reshape to (batch, 4096)): those symbols are passed
+        # as one extra R.Shape parameter.
+        defined = [v for p in params for v in relax.analysis.definable_tir_vars_in_type(p.ty)]
+        used = [v for p in params for v in relax.analysis.tir_vars_in_type(p.ty)] + self._kernel_symbols(kernel)
+        needed: list[tirx.Var] = []
+        for v in used:
+            if not any(v.same_as(d) for d in defined) and not any(v.same_as(n) for n in needed):
+                needed.append(v)
+        if needed:
+            params.append(relax.Var("sizes", relax.ShapeType(needed)))
+            outer_args = [*outer_args, relax.ShapeExpr(needed)]
         outer_bb, sub = self.block_builder, relax.BlockBuilder()
         self.block_builder = sub
         try:
@@ -218,6 +281,17 @@ class GraphImporter(ExportedProgramImporter):
         if moved:
             func = _RenameGlobals(moved).visit_expr(func)
         return func, outer_args, constant_fields
+
+    def _kernel_symbols(self, kernel: "Kernel") -> list[tirx.Var]:
+        """The TIR size variables the sizes read by ``kernel``'s members depend on."""
+        found: dict[str, tirx.Var] = {}
+        for m in kernel.nodes:
+            for a in m.all_input_nodes:
+                val = a.meta.get("val")
+                if is_size_value(a) and isinstance(val, torch.SymInt):
+                    for sym in sorted(val.node.expr.free_symbols, key=str):
+                        found.setdefault(str(sym), self._tir_expr(sym))
+        return list(found.values())
 
     def _convert(self, node: fx.Node) -> relax.Expr:
         try:
@@ -257,6 +331,31 @@ def _split_constant_fields(out: relax.Expr) -> tuple[relax.Expr, dict[int, relax
     return (computed[0] if len(computed) == 1 else relax.Tuple(computed)), constants
 
 
+def _fold(op: Callable, args: list) -> Any:
+    out = args[0]
+    for a in args[1:]:
+        out = op(out, a)
+    return out
+
+
+def is_size_value(node: fx.Node) -> bool:
+    """Whether ``node`` computes a size (``sym_size.int``, arithmetic on sizes), not a tensor:
+    such nodes are TIR expressions in TVM, never kernels or kernel parameters."""
+    return node.op == "call_function" and isinstance(node.meta.get("val"), (torch.SymInt, int))
+
+
+def _symbol_names(graph: Graph) -> dict[str, str]:
+    """torch's symbol ("s31") -> the user's name for it ("batch"), from the inputs' shapes."""
+    from graphopt.graph import dim_name
+
+    names: dict[str, str] = {}
+    for node in graph.input_nodes:
+        for d in node.meta["val"].shape:
+            if isinstance(d, torch.SymInt) and isinstance(d.node.expr, sympy.Symbol):
+                names[str(d.node.expr)] = dim_name(d)
+    return names
+
+
 # Attribute on the private Relax function of one kernel: its fusion group id, or -1 for an
 # ungrouped op. targets/build.py turns these functions into Primitive ones (mode "graph").
 KERNEL_ATTR = "graphopt.kernel"
@@ -285,11 +384,14 @@ def kernel_partition(graph: Graph) -> dict[fx.Node, Kernel]:
         return {}
     partition: dict[fx.Node, Kernel] = {}
     for gid, members in groups.items():
+        members = [m for m in members if not is_size_value(m)]  # sizes are emitted inline
+        if not members:
+            continue
         ops = [op_name(m).split(".")[0] for m in members if is_compute(m)]
         kernel = Kernel(f"group{gid}_" + "_".join(ops)[:48], members, gid)
         partition.update((m, kernel) for m in members)
     for n in graph.call_nodes():
-        if n not in partition and is_compute(n):
+        if n not in partition and is_compute(n) and not is_size_value(n):
             partition[n] = Kernel(f"op_{n.name}", [n], -1)
     return partition
 
