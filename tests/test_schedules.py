@@ -163,6 +163,61 @@ def test_depthwise_rule_with_clip():
     assert "T.parallel" in _script(sched) and "T.vectorized" in _script(sched)
 
 
+@pytest.mark.parametrize("c, h, stride, packed", [
+    (32, 7, 1, True),     # rows shorter than a vector: channel-blocked
+    (32, 14, 2, True),    # strided rows: channel-blocked
+    (16, 32, 1, False),   # long stride-1 rows: width-vectorized
+    (24, 7, 1, False),    # channels not a multiple of the vector: width-vectorized
+])
+def test_depthwise_rule_channel_blocked_variant(c, h, stride, packed):
+    """Short or strided rows take the NCHW16c kernel: the padding copy packs 16 channels
+    innermost (a 5-D pad buffer), the tap loop is vectorized over channels, and the
+    transposing write-back (with the bias + clip epilogue) is vectorized over pixels."""
+    x = rng.standard_normal((1, c, h, h), dtype=np.float32)
+    w = rng.standard_normal((c, 1, 3, 3), dtype=np.float32)
+    b = rng.standard_normal((1, c, 1, 1), dtype=np.float32)
+
+    def body(bb, xv):
+        y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), strides=stride, padding=1, groups=c))
+        return bb.emit(relax.op.clip(relax.op.add(y, relax.const(b)), 0.0, 6.0))
+
+    mod = _fuse(_build_relax([("x", x.shape)], body))
+    conv = next(f for n, f in _prim_funcs(mod).items() if "conv2d" in n)
+    rule, sched = schedule_primfunc(conv, X86)
+    assert rule == "DepthwiseConv2dNCHW"
+    text = _script(sched)
+    pad_line = next(ln for ln in text.splitlines() if "pad_temp = T.sblock_alloc_buffer" in ln)
+    assert (pad_line.count("T.int64(") == 5) is packed, pad_line
+    assert "T.parallel" in text and "T.vectorized" in text
+    got = _run_module(mod, [x])
+    ref = np.clip(_conv_ref(x, w, stride, 1, groups=c) + b, 0, 6)
+    np.testing.assert_allclose(got, ref, rtol=RTOL, atol=1e-4)
+
+
+def test_pointwise_conv_write_back_has_no_tail():
+    """1x1 conv on 28-wide rows: the register tile is 4 rows = 7 vectors of 16; the
+    write-back fuses (row, col) so it splits into whole vectors -- no T.where tail that
+    would scalarize the epilogue (mobilenet's 24->144 layer: 800 -> 250 us)."""
+    x = rng.standard_normal((1, 24, 28, 28), dtype=np.float32)
+    w = rng.standard_normal((48, 24, 1, 1), dtype=np.float32)
+    b = rng.standard_normal((1, 48, 1, 1), dtype=np.float32)
+
+    def body(bb, xv):
+        y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w)))
+        return bb.emit(relax.op.clip(relax.op.add(y, relax.const(b)), 0.0, 6.0))
+
+    mod = _fuse(_build_relax([("x", x.shape)], body))
+    conv = next(f for n, f in _prim_funcs(mod).items() if "conv2d" in n)
+    rule, sched = schedule_primfunc(conv, X86)
+    assert rule == "Conv2dNCHW"
+    text = _script(sched)
+    assert "T.where" not in text
+    assert text.count("T.vectorized") >= 2  # the FMA tile and the write-back
+    got = _run_module(mod, [x])
+    ref = np.clip(_conv_ref(x, w, 1, 0) + b, 0, 6)
+    np.testing.assert_allclose(got, ref, rtol=RTOL, atol=1e-4)
+
+
 @pytest.mark.parametrize("m", [1, 24])
 def test_matmul_rule_bias_relu(m):
     a = rng.standard_normal((m, 64), dtype=np.float32)

@@ -156,7 +156,10 @@ def _schedule_pointwise(sch, info: base.FuncInfo, target: Target, lanes: int, ma
     left = base.fuse_epilogue(sch, wb, post)
     wl = sch.get_loops(wb)
     try:
-        _, wv = sch.split(wl[-1], [None, lanes])
+        # The tile is whole rows or part of one: fuse (y, x) so the write-back splits
+        # into whole vectors (no tail predicate that would scalarize the epilogue).
+        wyx = sch.fuse(wl[-2], wl[-1])
+        _, wv = sch.split(wyx, [None, lanes])
         sch.vectorize(wv)
     except Exception:  # noqa: BLE001
         pass
