@@ -85,6 +85,13 @@ class InputError(GraphoptError, ValueError):
     """
 
 
+class CalibrationError(InputError):
+    """Calibration data does not fit the graph's inputs (tensor count, rank, shape or dtype).
+
+    Example: ``calibration item 3: expected 2 tensors (x, y), got 3``
+    """
+
+
 class ArtifactError(GraphoptError, OSError):
     """An artifact is missing, corrupt, tampered with or was built for something else.
 

@@ -7,6 +7,7 @@ on-device runner: copy it next to an artifact on a real arm64 board and run it t
 Protocol (files, because the emulator is a separate process with its own interpreter):
 
     python3 aarch64_runner.py ARTIFACT_DIR INPUTS.npz OUTPUTS.npz
+    python3 aarch64_runner.py --serve
 
 * ``INPUTS.npz`` holds the inputs as ``arg0, arg1, ...`` in the order of the entry function's parameters.
 * ``OUTPUTS.npz`` receives the outputs as ``out0, out1, ...``, the VM's result flattened depth-first
@@ -14,6 +15,14 @@ Protocol (files, because the emulator is a separate process with its own interpr
 * On success the script prints one JSON line ``{"load_s": ..., "run_s": ..., "outputs": n}`` to stdout.
 * Errors go to stderr with a non-zero exit status: 2 for a bad artifact or bad inputs, 1 for anything TVM
   raises, so the host can tell the two apart.
+
+``--serve`` runs many artifacts in one process: starting the emulated interpreter and importing TVM costs
+seconds under qemu, running a small model milliseconds. Each stdin line is a JSON job
+``{"artifact": DIR, "inputs": IN.npz, "outputs": OUT.npz}``; each job gets one stdout line, ``REPLY_PREFIX``
+followed by JSON: ``{"ok": true, "load_s", "run_s", "outputs"}`` or ``{"ok": false, "status": 2|1, "error"}``
+(the statuses of the one-shot form). The prefix keeps replies apart from anything a library prints. EOF on
+stdin ends the process; a job that kills the process (SIGSEGV, SIGILL in a kernel) ends it too, and the host
+sees EOF on stdout without a reply.
 
 TVM is imported runtime-only (``TVM_USE_RUNTIME_LIB=1``, unless the caller set it): the artifact needs only
 ``libtvm_runtime``, and not loading the LLVM-linked compiler library saves seconds under emulation.
@@ -30,6 +39,7 @@ import time
 
 FORMAT = "graphopt-artifact"
 FORMAT_VERSIONS = (1,)
+REPLY_PREFIX = "@graphopt-runner "
 
 
 class RunnerInputError(Exception):
@@ -63,7 +73,9 @@ def _flatten(value, out):
     return out
 
 
-def run(artifact_dir, inputs_path, outputs_path):
+def run(artifact_dir, inputs_path, outputs_path, report=print):
+    """Run one artifact on the inputs file, write the outputs file; returns the timing record, which
+    ``report`` (print by default) receives as one JSON line."""
     import numpy as np
 
     manifest = _read_manifest(artifact_dir)
@@ -90,16 +102,53 @@ def run(artifact_dir, inputs_path, outputs_path):
     outputs = _flatten(result, [])
     done = time.perf_counter()
     np.savez(outputs_path, **{f"out{i}": a for i, a in enumerate(outputs)})
-    print(
-        json.dumps(
-            {"load_s": round(loaded - start, 3), "run_s": round(done - loaded, 3), "outputs": len(outputs)}
-        )
-    )
+    timing = {"load_s": round(loaded - start, 3), "run_s": round(done - loaded, 3), "outputs": len(outputs)}
+    if report is not None:
+        report(json.dumps(timing))
+    return timing
+
+
+def serve(stdin, stdout):
+    """Answer jobs from ``stdin`` until EOF (see the module docstring)."""
+    import traceback
+
+    os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+    import numpy  # noqa: F401 - imported once here, not inside the first job's timing
+    import tvm  # noqa: F401
+
+    stdout.write(REPLY_PREFIX + json.dumps({"ready": True}) + "\n")
+    stdout.flush()
+    for line in stdin:
+        if not line.strip():
+            continue
+        try:
+            job = json.loads(line)
+            paths = (job["artifact"], job["inputs"], job["outputs"])
+        except (ValueError, KeyError, TypeError) as exc:
+            reply = {"ok": False, "status": 2, "error": f"bad job line {line.strip()[:200]!r}: {exc!r}"}
+            stdout.write(REPLY_PREFIX + json.dumps(reply) + "\n")
+            stdout.flush()
+            continue
+        try:
+            reply = {"ok": True, **run(*paths, report=None)}
+        except RunnerInputError as exc:
+            reply = {"ok": False, "status": 2, "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - anything TVM raises is the job's result, not the server's end
+            tail = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[-5:]
+            reply = {"ok": False, "status": 1, "error": "\n".join(tail)}
+        stdout.write(REPLY_PREFIX + json.dumps(reply) + "\n")
+        stdout.flush()
+    return 0
 
 
 def main(argv):
+    if argv == ["--serve"]:
+        return serve(sys.stdin, sys.stdout)
     if len(argv) != 3:
-        print(f"usage: {os.path.basename(__file__)} ARTIFACT_DIR INPUTS.npz OUTPUTS.npz", file=sys.stderr)
+        print(
+            f"usage: {os.path.basename(__file__)} ARTIFACT_DIR INPUTS.npz OUTPUTS.npz  |  --serve",
+            file=sys.stderr,
+        )
         return 2
     try:
         run(*argv)

@@ -98,6 +98,10 @@ class EmulatorEnv:
 
     root: Path
     qemu: str
+    #: The emulated CPU model. ``max`` enables every extension qemu implements (dotprod, i8mm, fp16, SVE...), so
+    #: artifacts built for ``arm64-dotprod`` and similar presets run; an instruction qemu does not implement
+    #: is a SIGILL, reported as a failed run.
+    cpu: str = "max"
 
     @property
     def sysroot(self) -> Path:
@@ -113,7 +117,10 @@ class EmulatorEnv:
 
     def command(self, script_path: str | os.PathLike[str], args: Sequence[str] = ()) -> list[str]:
         """The command line that runs ``script_path`` with the emulated Python."""
-        return [self.qemu, "-L", str(self.sysroot), str(self.python), str(script_path), *map(str, args)]
+        return [
+            self.qemu, "-cpu", self.cpu, "-L", str(self.sysroot), str(self.python), str(script_path),
+            *map(str, args),
+        ]
 
     def environment(self) -> dict[str, str]:
         """The process environment of an emulated run: the host's, minus anything that points Python at
@@ -510,6 +517,33 @@ def run_artifact_emulated(
         InputError: ``inputs`` do not match the manifest's count, dtypes or static shapes.
         EmulationError: the environment cannot be set up, or the emulated run failed or timed out.
     """
+    artifact, arrays = validate_artifact(artifact_dir, inputs)
+    env = env if env is not None else ensure_aarch64_sysroot()
+
+    with tempfile.TemporaryDirectory(prefix="graphopt-emulated-") as tmp:
+        in_path, out_path = Path(tmp) / "inputs.npz", Path(tmp) / "outputs.npz"
+        np.savez(in_path, **{f"arg{i}": a for i, a in enumerate(arrays)})
+        proc = env.run_python(
+            RUNNER_SCRIPT, [str(artifact.resolve()), str(in_path), str(out_path)], timeout=timeout
+        )
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
+            raise EmulationError(
+                f"emulated run of artifact {artifact} failed (exit {proc.returncode}):\n{tail}"
+            )
+        with np.load(out_path) as data:
+            return [data[f"out{i}"] for i in range(len(data.files))]
+
+
+def validate_artifact(
+    artifact_dir: str | os.PathLike[str], inputs: Sequence[np.ndarray]
+) -> tuple[Path, list[np.ndarray]]:
+    """The artifact folder and the inputs as arrays, after the checks an emulated run needs first
+    (manifest, an aarch64 library, inputs matching the manifest, the runner script present).
+
+    Raises:
+        ArtifactError, InputError, EmulationError: as :func:`run_artifact_emulated`.
+    """
     artifact = Path(artifact_dir)
     manifest = _read_manifest(artifact)
     library = artifact / manifest.get("library", "model.so")
@@ -526,18 +560,4 @@ def run_artifact_emulated(
     _check_inputs(manifest, arrays)
     if not RUNNER_SCRIPT.is_file():
         raise EmulationError(f"the runner script {RUNNER_SCRIPT} is missing from the graphopt installation")
-    env = env if env is not None else ensure_aarch64_sysroot()
-
-    with tempfile.TemporaryDirectory(prefix="graphopt-emulated-") as tmp:
-        in_path, out_path = Path(tmp) / "inputs.npz", Path(tmp) / "outputs.npz"
-        np.savez(in_path, **{f"arg{i}": a for i, a in enumerate(arrays)})
-        proc = env.run_python(
-            RUNNER_SCRIPT, [str(artifact.resolve()), str(in_path), str(out_path)], timeout=timeout
-        )
-        if proc.returncode != 0:
-            tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
-            raise EmulationError(
-                f"emulated run of artifact {artifact} failed (exit {proc.returncode}):\n{tail}"
-            )
-        with np.load(out_path) as data:
-            return [data[f"out{i}"] for i in range(len(data.files))]
+    return artifact, arrays

@@ -176,7 +176,10 @@ def _convert_integer_op(importer, node: fx.Node) -> relax.Expr:
                                  dilation=_pair(dilation), groups=int(groups), out_dtype="int32")
         bshape = [1, channels, 1, 1]
     elif op.kind == "linear":
-        acc = relax.op.linear(xq, relax.const(wq), out_dtype="int32")
+        # matmul on the transposed constant rather than relax linear (= matmul(x,
+        # permute_dims(W))): the weight stays a constant operand, which is what the int8
+        # dot-product packing (targets/schedules/int8.py) recognizes
+        acc = relax.op.matmul(xq, relax.const(np.ascontiguousarray(wq.T)), out_dtype="int32")
         bshape = [channels]
     else:
         acc = relax.op.matmul(xq, relax.const(wq), out_dtype="int32")

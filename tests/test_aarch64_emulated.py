@@ -154,3 +154,132 @@ def test_conv_model_cross_compiled_runs_on_emulated_aarch64(aarch64_env, tmp_pat
     assert outputs[0].shape == expected.shape
     assert outputs[0].dtype == np.float32
     np.testing.assert_allclose(outputs[0], expected, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------ one emulated process, many runs
+
+
+@pytest.fixture(scope="module")
+def session(aarch64_env):
+    """One emulated runner for the whole module: the emulator and TVM's runtime start once."""
+    from graphopt.targets.emulation_session import EmulatorSession
+
+    with EmulatorSession(aarch64_env) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def arm64_artifacts(tmp_path_factory):
+    """``artifact(name, target, pipeline)``: a reference model compiled and saved for an aarch64 target,
+    with its model, input and compiled module; built once per module run."""
+    import graphopt
+    from graphopt.models import REFERENCE_MODELS
+
+    folder = tmp_path_factory.mktemp("arm64-artifacts")
+    built: dict[tuple[str, str, str], tuple] = {}
+
+    def artifact(name: str, target: str = "arm64", pipeline: str = "default"):
+        key = (name, target, pipeline)
+        if key not in built:
+            ref = REFERENCE_MODELS[name]
+            model, x = ref.build(), ref.example_input()
+            calibration = [(ref.example_input(seed=s),) for s in range(2, 6)] if "quantize" in pipeline else None
+            module = graphopt.compile(model, target, (x,), pipeline, calibration_data=calibration)
+            path = module.save(str(folder / f"{name}-{target}-{pipeline.replace(',', '_')}"))
+            built[key] = (path, model, x, module)
+        return built[key]
+
+    return artifact
+
+
+def _assert_runs_like_eager(session, artifact, name: str, target: str = "arm64") -> None:
+    from graphopt.pipeline import Pipeline
+    from graphopt.testing import assert_matches_eager
+
+    path, model, x, _ = artifact(name, target)
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    assert manifest["target"]["name"] == target and manifest["pipeline"] == str(Pipeline.parse("default"))
+    assert toolchain.elf_machine(Path(path) / "model.so") == EM_AARCH64
+    (out,) = session.run(path, [x.numpy()], timeout=600)
+    with torch.no_grad():
+        expected = model(x)
+    assert out.shape == tuple(expected.shape) and out.dtype == np.float32
+    # the fp32 rung: rtol 1e-4, atol 1e-5 x the output's scale, with the float64 fallback
+    scale = max(1.0, float(expected.abs().max()))
+    assert_matches_eager(torch.from_numpy(out), model, (x,), rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.emulated
+def test_session_runs_many_artifacts_and_survives_failures(session, arm64_artifacts, tmp_path):
+    path, model, x, _ = arm64_artifacts("mlp")
+    starts = session.starts
+    first = session.run(path, [x.numpy()])
+    again = session.run(path, [x.numpy()])
+    np.testing.assert_array_equal(first[0], again[0])
+    assert session.starts == max(starts, 1)  # the second run reused the process
+    # a job that fails in TVM is that job's error; the process keeps serving
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    no_entry = tmp_path / "no-entry"
+    no_entry.mkdir()
+    (no_entry / "model.so").write_bytes((Path(path) / "model.so").read_bytes())
+    (no_entry / "manifest.json").write_text(json.dumps(dict(manifest, entry="no_such_function")))
+    with pytest.raises(EmulationError, match=r"failed \(status 1\)"):
+        session.run(no_entry, [x.numpy()])
+    np.testing.assert_array_equal(session.run(path, [x.numpy()])[0], first[0])
+    assert session.starts == max(starts, 1)
+    # a job that kills the process (a truncated library: SIGBUS in the loader, like a SIGSEGV in a kernel)
+    # is reported with the signal, and the next run gets a fresh process
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "model.so").write_bytes((Path(path) / "model.so").read_bytes()[:4096])
+    (truncated / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EmulationError, match="the emulated runner died"):
+        session.run(truncated, [x.numpy()])
+    np.testing.assert_array_equal(session.run(path, [x.numpy()])[0], first[0])
+    assert session.starts == max(starts, 1) + 1
+
+
+@pytest.mark.emulated
+def test_small_cnn_runs_on_emulated_arm64(session, arm64_artifacts):
+    _assert_runs_like_eager(session, arm64_artifacts, "cnn")
+
+
+@pytest.mark.slow
+@pytest.mark.emulated
+def test_resnet18_runs_on_emulated_arm64(session, arm64_artifacts):
+    _assert_runs_like_eager(session, arm64_artifacts, "resnet18")
+
+
+@pytest.mark.slow
+@pytest.mark.emulated
+def test_five_reference_models_on_emulated_arm64(session, arm64_artifacts):
+    # mlp, cnn, resnet18, mobilenet_v2 and transformer with the default pipeline, all run by one emulated
+    # process (artifacts built by the tests above are reused)
+    starts = session.starts
+    for name in ("mlp", "cnn", "resnet18", "mobilenet_v2", "transformer"):
+        _assert_runs_like_eager(session, arm64_artifacts, name)
+    assert session.starts == max(starts, 1)
+
+
+@pytest.mark.emulated
+def test_int8_cnn_for_arm64_dotprod_uses_sdot_and_runs_emulated(session, arm64_artifacts):
+    # qemu's `-cpu max` (EmulatorEnv.cpu) implements the dot-product extension the int8 kernels use
+    import shutil
+    import subprocess
+
+    from graphopt.testing import sqnr_db
+
+    path, model, x, module = arm64_artifacts("cnn", "arm64-dotprod", "fold,quantize")
+    objdump = shutil.which("aarch64-linux-gnu-objdump")
+    if objdump is not None:  # binutils of the cross toolchain
+        listing = subprocess.run([objdump, "-d", str(Path(path) / "model.so")], capture_output=True, text=True,
+                                 check=True).stdout
+        assert "sdot" in listing, "the int8 build for arm64-dotprod has no sdot instruction"
+    (out,) = session.run(path, [x.numpy()])
+    with torch.no_grad():
+        quantized = module.graph(x)  # the int8 graph run by PyTorch: what the kernels should compute
+        quantized = quantized[0] if isinstance(quantized, tuple) else quantized
+        expected = model(x)
+    assert out.shape == tuple(expected.shape)
+    assert sqnr_db(quantized, out) >= 30.0
+    assert sqnr_db(expected, out) >= 20.0

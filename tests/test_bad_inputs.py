@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.errors import (ArtifactError, CaptureError, GraphoptError, InputError, PassError, PassOptionError,
+from graphopt.errors import (ArtifactError, CalibrationError, CaptureError, GraphoptError, InputError, PassError, PassOptionError,
                              PipelineError, TargetError, ToolchainError, UnsupportedOpError)
 
 
@@ -175,9 +175,13 @@ CATALOGUE: list[tuple[str, Callable[[Ctx, Any], Any], type, type, str]] = [
     # --- calibration data
     ("calibration_wrong_shape",
      lambda c, m: graphopt.optimize(Small(), (X,), "quantize", calibration_data=[(torch.randn(2, 5),)]),
-     InputError, ValueError, r"input 'x': expected shape \(2, 4\), got \(2, 5\) \(dimension 1 must be 4\)"),
+     CalibrationError, ValueError,
+     r"calibration item 0, input 'x': expected shape \(batch, 4\), got \(2, 5\) \(dimension 1 must be 4\)"),
+    ("calibration_wrong_tensor_count",
+     lambda c, m: graphopt.optimize(Small(), (X,), "quantize", calibration_data=[(X, X, X)]),
+     CalibrationError, ValueError, r"calibration item 0: expected 1 tensor"),
     ("calibration_empty", lambda c, m: graphopt.optimize(Small(), (X,), "quantize", calibration_data=[]),
-     InputError, ValueError, r"calibration data is empty"),
+     CalibrationError, ValueError, r"calibration data is empty"),
     ("quantize_without_calibration", lambda c, m: graphopt.optimize(Small(), (X,), "quantize"),
      PassError, RuntimeError, r"needs activation ranges .*pass calibration_data= to graphopt\.optimize/compile"),
     # --- calling a compiled module

@@ -1,5 +1,6 @@
 """Differential fuzzing in CI: 100 random models through capture, every registered pass
-alone, the default pipeline and the x86 build, with zero mismatches allowed.
+alone, the default pipeline and the x86 build, and 20 of them through the aarch64 build run
+under qemu-aarch64, with zero mismatches allowed.
 
 Models come from graphopt.fuzz.generator (seeds 0..99). They are captured and built in
 batches of ten (graphopt.fuzz.harness.Case) because capture and build have a large fixed
@@ -172,3 +173,64 @@ def test_prune_quantize_compile():
     report = fuzz(25, 0, [stage], max_ops=MAX_OPS, batch=13, minimize=False, isolate=True, log=None)
     assert report.graphs == 25
     assert not report.failures, report.summary() + "\n" + "\n".join(f.reproducer() for f in report.failures[:3])
+
+
+# ------------------------------------------------------------- the aarch64 build, emulated
+@pytest.fixture(scope="module")
+def aarch64_ready():
+    """Cross toolchain + qemu + the cached aarch64 sysroot, installed if missing; skip only where that
+    is impossible on this machine (as tests/test_aarch64_emulated.py)."""
+    from graphopt.errors import EmulationError, ToolchainError
+    from graphopt.targets import emulation, toolchain
+
+    reason = toolchain.apt_unavailable_reason()
+    if reason is not None and (toolchain.find_cross_compiler() is None or emulation.find_qemu() is None):
+        pytest.skip(f"aarch64 cross toolchain/qemu missing and cannot be installed: {reason}")
+    try:
+        toolchain.ensure_cross_toolchain(install=True)
+        emulation.ensure_aarch64_sysroot()
+    except (ToolchainError, EmulationError) as exc:
+        if reason is not None:
+            pytest.skip(f"aarch64 emulation environment cannot be built: {exc}")
+        raise
+
+
+def test_arm64_target_gives_an_emulated_build_stage():
+    stage = next(s for s in default_stages(pipeline=PIPELINE, target="arm64") if s.kind == "build")
+    assert stage.name == "build:arm64[default]" and stage.tolerance == "algebraic"
+    from graphopt.fuzz import stage_named
+
+    assert stage_named(stage.name) == stage
+
+
+@pytest.mark.slow
+@pytest.mark.emulated
+def test_aarch64_build_matches_eager(cases, aarch64_ready):
+    # 20 models in two batches: two cross-compiled artifacts, run by ONE emulated process
+    from graphopt.fuzz import emulated
+
+    stage = next(s for s in default_stages(pipeline=PIPELINE, target="arm64") if s.kind == "build")
+    before = emulated.session()
+    starts, runs = before.starts, before.runs
+    _check(cases[:2], stage, minimize_first=1)
+    assert sum(len(c.specs) for c in cases[:2]) >= 10
+    assert emulated.session() is before and before.runs == runs + 2
+    assert before.starts <= max(starts, 1)  # started at most once, for both artifacts
+
+
+@pytest.mark.emulated
+def test_aarch64_mismatch_names_seed_and_is_minimized(aarch64_ready, monkeypatch):
+    # a backend that gets every number slightly wrong: the stage fails, the failure is shrunk to one op
+    # and printed with its seed and a reproducer naming the aarch64 stage
+    from graphopt.fuzz import emulated, fuzz, stage_named
+
+    real = emulated.run_emulated
+    monkeypatch.setattr(emulated, "run_emulated",
+                        lambda module, inputs: tuple(o + 0.5 for o in real(module, inputs)))
+    report = fuzz(1, 11, [stage_named("build:arm64[none]")], max_ops=3, batch=1, log=None)
+    (failure,) = report.failures
+    assert (failure.seed, failure.stage, failure.kind) == (11, "build:arm64[none]", "mismatch")
+    assert "max abs error" in failure.message
+    assert failure.minimized is not None and len(failure.minimized.ops) == 1
+    text = failure.reproducer()
+    assert "seed 11" in text and "stage_named('build:arm64[none]')" in text

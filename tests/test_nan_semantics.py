@@ -3,7 +3,7 @@
 LLVM lowers TVM's ``max``/``min`` (relu as ``max(x, 0)``, clamps, the max reduction of a
 pool) to maxnum/minnum, which return the *non*-NaN operand: a NaN input silently became a
 number. targets/ops.py replaces those lowerings by compare-and-select forms and a max pool
-with a NaN-propagating reduction. Each case feeds NaN, +inf and -inf through one op and
+with a NaN-propagating reduction (1-d, 2-d, 3-d and adaptive). Each case feeds NaN, +inf and -inf through one op and
 asserts the compiled output has the same NaN/inf pattern and the same values as eager.
 """
 
@@ -28,6 +28,47 @@ class Clamp(nn.Module):
         return torch.clamp(x, -0.5, 0.5)
 
 
+class ClampMin(nn.Module):
+    def forward(self, x):
+        return torch.clamp_min(x, 0.1)
+
+
+class ClampMax(nn.Module):
+    def forward(self, x):
+        return torch.clamp_max(x, 0.1)
+
+
+class MaximumFlipped(nn.Module):
+    """NaN on either side: the flip puts the input's NaN on the right-hand side of some pairs."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def forward(self, x):
+        return self.op(x, x.flip(-1))
+
+
+class Reduce(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class PoolValues(nn.Module):
+    """A max pool called with return_indices=True whose indices are dropped (max_poolNd_with_indices)."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x):
+        return self.pool(x, 2, return_indices=True)[0]
+
+
 def _with_specials(shape: tuple[int, ...]) -> torch.Tensor:
     """Random values with a NaN, a +inf and a -inf in different rows / windows."""
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
@@ -39,6 +80,24 @@ def _with_specials(shape: tuple[int, ...]) -> torch.Tensor:
 CASES = {
     "maxpool": (lambda: nn.MaxPool2d(2), (1, 2, 6, 6)),
     "maxpool_padded_ceil": (lambda: nn.MaxPool2d(3, 2, 1, ceil_mode=True), (2, 3, 8, 8)),
+    "maxpool1d": (lambda: nn.MaxPool1d(2), (1, 2, 8)),
+    "maxpool1d_padded_ceil": (lambda: nn.MaxPool1d(3, 2, 1, ceil_mode=True), (2, 3, 9)),
+    "maxpool3d": (lambda: nn.MaxPool3d(2), (1, 2, 4, 4, 4)),
+    "maxpool3d_padded_ceil_dilated": (lambda: nn.MaxPool3d(3, 2, (1, 0, 1), dilation=(1, 2, 1), ceil_mode=True),
+                                      (1, 2, 5, 7, 5)),
+    "adaptive_maxpool1d": (lambda: nn.AdaptiveMaxPool1d(3), (2, 3, 8)),
+    "adaptive_maxpool2d": (lambda: nn.AdaptiveMaxPool2d((2, 3)), (1, 2, 6, 7)),
+    "adaptive_maxpool2d_global": (lambda: nn.AdaptiveMaxPool2d(1), (1, 2, 5, 5)),
+    "adaptive_maxpool3d": (lambda: nn.AdaptiveMaxPool3d((2, 3, 2)), (1, 2, 5, 4, 3)),
+    "maxpool2d_with_indices": (lambda: PoolValues(nn.functional.max_pool2d), (1, 2, 6, 6)),
+    "maxpool3d_with_indices": (lambda: PoolValues(nn.functional.max_pool3d), (1, 2, 4, 4, 4)),
+    "clamp_min": (lambda: ClampMin(), (2, 8)),
+    "clamp_max": (lambda: ClampMax(), (2, 8)),
+    "maximum": (lambda: MaximumFlipped(torch.maximum), (2, 8)),
+    "minimum": (lambda: MaximumFlipped(torch.minimum), (2, 8)),
+    "max_other": (lambda: MaximumFlipped(torch.max), (2, 8)),
+    "max_all": (lambda: Reduce(torch.max), (2, 8)),
+    "min_all": (lambda: Reduce(torch.min), (2, 8)),
     "relu": (lambda: nn.ReLU(), (2, 8)),
     "relu6": (lambda: nn.ReLU6(), (2, 8)),
     "clamp": (lambda: Clamp(), (2, 8)),
@@ -104,3 +163,30 @@ def test_maxpool_stays_one_kernel_and_matches_the_pooling_schedule():
     assert len(pools) == 1
     rule, _ = schedule_primfunc(pools[0], spec.tvm_target())
     assert rule == "Pooling"
+
+
+@pytest.mark.parametrize("pool", [nn.functional.adaptive_max_pool2d, nn.functional.max_pool2d])
+def test_pool_indices_are_unsupported_not_wrong(pool):
+    # the backend computes only the pooled values (TVM's own max_pool2d_with_indices returned float
+    # zeros as indices); a graph reading the indices must say so
+    from graphopt.errors import UnsupportedOpError
+
+    class WithIndices(nn.Module):
+        def forward(self, x):
+            values, indices = pool(x, 2, return_indices=True)
+            return values, indices
+
+    x = torch.randn(1, 2, 4, 4)
+    with pytest.raises(UnsupportedOpError, match="indices output is used"):
+        graphopt.compile(WithIndices().eval(), "x86", (x,), "none")
+
+
+def test_no_max_or_min_lowering_of_the_importer_is_left_unfixed():
+    # every max/min op the importer lowers to maxnum/minnum is replaced by a NaN-propagating converter
+    from graphopt.targets.lower import EXTRA_CONVERTERS, FIX_CONVERTERS, _load_converter_modules
+
+    _load_converter_modules()
+    assert {"max_pool1d.default", "max_pool2d.default", "max_pool3d.default", "max_pool2d_with_indices.default",
+            "max_pool3d_with_indices.default", "max.default", "min.default", "maximum.default", "minimum.default",
+            "clamp_min.default", "clamp_max.default"} <= set(FIX_CONVERTERS)
+    assert {f"adaptive_max_pool{n}d.default" for n in (1, 2, 3)} <= set(EXTRA_CONVERTERS)

@@ -5,7 +5,6 @@ graphopt.testing.assert_matches_eager.
 """
 
 import pytest
-import torch
 
 import graphopt
 from graphopt.models import REFERENCE_MODELS

@@ -3,9 +3,12 @@
 * :mod:`graphopt.fuzz.generator` — seeded, valid-by-construction random models (GraphSpec);
 * :mod:`graphopt.fuzz.harness` — runs them through capture, each pass alone, a pipeline
   and a target build, and compares with eager on the tolerance ladder;
-* :mod:`graphopt.fuzz.minimize` — shrinks a failure to a few ops and prints a reproducer.
+* :mod:`graphopt.fuzz.minimize` — shrinks a failure to a few ops and prints a reproducer;
+* :mod:`graphopt.fuzz.emulated` — runs builds for aarch64 targets under qemu-aarch64, one
+  emulated process per campaign.
 
-Long campaigns: ``python -m graphopt.fuzz --graphs 5000`` (or ``graphopt fuzz``).
+Long campaigns: ``python -m graphopt.fuzz --graphs 5000`` (or ``graphopt fuzz``);
+``--target arm64 --passes none`` fuzzes the emulated aarch64 build.
 """
 
 from graphopt.fuzz.generator import GraphSpec, Op, generate

@@ -1,6 +1,8 @@
 """``python -m graphopt.fuzz --graphs 5000``: a long differential-fuzzing campaign.
 
-The same options as ``graphopt fuzz``; exits 1 when any graph failed.
+The same options as ``graphopt fuzz``; exits 1 when any graph failed. ``--target arm64`` builds for
+aarch64 and runs every build under qemu-aarch64 (one emulated process for the whole campaign);
+``--passes none`` leaves out the passes-alone stages, e.g. for a campaign on the aarch64 build only.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graphs", type=int, default=100, help="number of random models (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="first seed; graph i uses seed+i (default: %(default)s)")
     p.add_argument("--max-ops", type=int, default=10, help="most ops per model (default: %(default)s)")
-    p.add_argument("--passes", help="comma-separated passes to fuzz alone (default: every registered pass)")
+    p.add_argument("--passes", help="comma-separated passes to fuzz alone (default: every registered pass; "
+                                    "'none' skips them)")
     p.add_argument("--pipeline", default="default", help="pipeline to fuzz whole (default: %(default)s; 'none' skips)")
-    p.add_argument("--target", default="x86", help="target to build for (default: %(default)s; 'none' skips)")
+    p.add_argument("--target", default="x86", help="target to build for (default: %(default)s; 'none' skips; "
+                                                    "arm64 and other aarch64 presets run under qemu-aarch64)")
     p.add_argument("--batch", type=int, default=8,
                    help="models captured and built together (default: %(default)s; 1 checks each alone)")
     p.add_argument("--no-isolate", action="store_true",
@@ -26,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from graphopt.fuzz.harness import default_stages, fuzz
 
-    passes = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes else None
+    names = [p.strip() for p in args.passes.split(",")] if args.passes else None
+    passes = [p for p in names if p and p != "none"] if names is not None else None
     pipeline = None if args.pipeline == "none" else args.pipeline
     target = None if args.target == "none" else args.target
     stages = default_stages(passes, pipeline, target)

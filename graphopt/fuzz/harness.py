@@ -8,8 +8,10 @@ A *stage* is one way of processing a captured graph whose numbers we can predict
   (``graphopt.passes_base.TOLERANCES``, docs/TOLERANCES.md) against the graph before it;
   a lossy pass with a ``ratio`` option is also run with ``ratio=0``, which must be exact;
 * ``pipeline:TEXT`` — a whole pipeline, held to its loosest pass's rung;
-* ``build:TARGET`` — ``graphopt.compile`` for a target that runs on this machine, held
-  to the fp32 rung against eager PyTorch.
+* ``build:TARGET`` — ``graphopt.compile`` for a target, held to the fp32 rung against eager
+  PyTorch. A target this machine cannot run (``arm64``, any preset with a cross triple) is
+  saved as an aarch64 artifact and run under qemu-aarch64 by one emulated process shared by
+  the whole campaign (graphopt.fuzz.emulated).
 
 Numbers are compared by :func:`compare`: ``exact`` means bit-identical (NaNs in the same
 places); ``algebraic``/``half`` mean ``allclose`` with the rung's rtol and an atol scaled
@@ -284,7 +286,9 @@ class Case:
         if stage.kind == "build":
             module = graphopt.compile(graph, stage.target, pipeline=stage.text,
                                       calibration_data=graph.annotations["calibration_data"])
-            actual = _as_tuple(module(*self.inputs))
+            from graphopt.fuzz.emulated import is_cross_built, run_emulated
+
+            actual = run_emulated(module, self.inputs) if is_cross_built(module) else _as_tuple(module(*self.inputs))
             if stage.tolerance in ("int8", "lossy"):  # judge the backend against the optimized graph
                 expected = module.graph(*self.inputs)
                 results = self._per_spec(expected, actual, "algebraic", _float64_run(module.graph, self.inputs))

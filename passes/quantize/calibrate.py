@@ -27,10 +27,9 @@ from graphopt.passes.quantize.observers import Observer, make_observer
 
 def calibration_batches(graph: Graph, data: Iterable[Any]) -> list[tuple[torch.Tensor, ...]]:
     """Normalize ``data`` into a list of input tuples that fit ``graph``'s input specs."""
-    if data is None:
-        raise InputError("calibration data is None; pass an iterable of input batches")
-    if isinstance(data, torch.Tensor):
-        data = [data]
+    from graphopt.calibrate import check_calibration_data  # graphopt.calibrate imports this module
+
+    data = check_calibration_data(graph, data)  # tensor count, rank, shape, dtype: CalibrationError
     n_inputs = len(graph.input_nodes)
     static_batch = _static_batch(graph)
     batches: list[tuple[torch.Tensor, ...]] = []

@@ -38,6 +38,7 @@ from .base import is_scheduled, num_cores, simd_lanes
 from .conv2d import Conv2dNCHW
 from .depthwise import DepthwiseConv2dNCHW
 from .elementwise import Fallback, Injective
+from .int8 import Int8DotProduct, int8_layout_passes
 from .layout import conv_weight_to_hwio
 from .matmul import Matmul
 from .pooling import Pooling
@@ -55,6 +56,7 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 RULES = [
+    Int8DotProduct(),
     Conv2dNCHW(),
     DepthwiseConv2dNCHW(),
     Matmul(),
@@ -123,4 +125,4 @@ def cpu_layout_passes(target: tvm.target.Target) -> list:
     if target is not None and tvm.target.Target(target).kind.name != "llvm":
         return []
     return [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
-            conv_weight_to_hwio]
+            *int8_layout_passes(target), conv_weight_to_hwio]
