@@ -179,7 +179,7 @@ class TuningStore:
                 if index is None:
                     index = self._workload_line(r.workload)
                     seen.append((r.workload, index))
-                lines.append(json.dumps([index, r.as_json()]))
+                lines.append(json.dumps([index, _record_json(r)]))
             _append_line(self.record_file, "\n".join(lines))
 
 
@@ -196,6 +196,36 @@ class TuningStore:
         if shashes:
             with self.locked():
                 _append_line(os.path.join(self.path, DONE_FILE), "\n".join(json.dumps([h, share]) for h in shashes))
+
+
+def _record_json(record: Any) -> Any:
+    """``record.as_json()`` that also handles schedules using ``transform_layout``.
+
+    MetaSchedule's Python ``as_json`` only unpacks containers and scalars, so a trace holding
+    an IndexMap (our rules re-layout conv outputs and packed weights) raised TypeError and the
+    tuning run died. TVM's C++ JSONDatabase writes such objects as their ``save_json`` text,
+    which the trace reader loads back: write them the same way.
+    """
+    from tvm.s_tir.meta_schedule import _ffi_api
+
+    return _plain_json(_ffi_api.TuningRecordAsJSON(record))
+
+
+def _plain_json(obj: Any) -> Any:
+    import tvm
+    import tvm_ffi
+
+    if obj is None or isinstance(obj, (bool, int, float)):
+        return obj
+    if isinstance(obj, (tvm.tirx.IntImm, tvm.tirx.FloatImm)):
+        return obj.value
+    if isinstance(obj, str):
+        return str(obj)
+    if isinstance(obj, (tvm_ffi.Array, list, tuple)):
+        return [_plain_json(x) for x in obj]
+    if isinstance(obj, (tvm_ffi.Map, dict)):
+        return {_plain_json(k): _plain_json(v) for k, v in obj.items()}
+    return tvm.ir.save_json(obj)
 
 
 def _append_line(path: str, text: str) -> None:

@@ -294,3 +294,34 @@ def test_two_tuning_processes_share_one_database(tmp_path):
     tune = Tune(trials=trials, db=db, **SMALL)
     graphopt.compile(tiny_model(), "x86", (torch.randn(1, 32),), tune=tune)
     assert tune.log.measured == 0 and tune.log.tasks_done_before == tune.log.tasks == 1
+
+
+def test_records_of_schedules_that_relayout_buffers_persist(tmp_path):
+    """Regression: our conv rules call transform_layout, whose trace holds an IndexMap; MetaSchedule's
+    Python as_json cannot write it, and tuning resnet18 died on the first rule baseline. The store
+    writes it the way TVM's JSONDatabase does, so both readers load it and the schedule replays."""
+    import tvm
+    import tvm_ffi
+    from tvm import s_tir, te
+    from tvm.s_tir import meta_schedule as ms
+
+    from graphopt.targets.tuning_store import TuningStore
+
+    a = te.placeholder((4, 8), name="a")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, te.compute((4, 8), lambda i, j: a[i, j] * 2.0, name="b")])})
+    sch = s_tir.Schedule(mod)
+    sch.transform_layout(sch.get_sblock("b"), ("write", 0), lambda i, j: (j, i))
+    mem = ms.database.MemoryDatabase()
+    record = ms.database.TuningRecord(sch.trace, mem.commit_workload(mod), [1e-3], tvm.target.Target("llvm"),
+                                      ms.arg_info.ArgInfo.from_prim_func(mod["main"]))
+    TuningStore(str(tmp_path), {"tvm": {"kind": "llvm"}}).append([record])
+
+    loaded = ms.database.MemoryDatabase()
+    assert TuningStore(str(tmp_path), {"tvm": {"kind": "llvm"}}).load(loaded) == 1
+    replay = s_tir.Schedule(mod)
+    loaded.get_all_tuning_records()[0].trace.apply_to_schedule(replay, remove_postproc=False)
+    assert tvm_ffi.structural_equal(replay.mod, sch.mod)
+    (folder,) = glob.glob(os.path.join(str(tmp_path), "*", ""))
+    tvm_db = ms.database.JSONDatabase(os.path.join(folder, "database_workload.json"),
+                                      os.path.join(folder, "database_tuning_record.json"))
+    assert len(tvm_db.get_all_tuning_records()) == 1
