@@ -87,4 +87,4 @@ def calibrate(graph: Graph, data: Iterable[Any], method: str = "minmax",
         from graphopt.errors import InputError
 
         raise InputError(f"unknown calibration method {method!r}; valid: {', '.join(METHODS)}")
-    return _calibrate(graph, check_calibration_data(graph, data), method, progress=progress)
+    return _calibrate(graph, data, method, progress=progress)  # checks data: check_calibration_data

@@ -7,8 +7,8 @@ which the IR printer shows as ``# range [lo, hi]``. The observed nodes default t
 activation inputs of every quantizable op (qdq.quantizable_ops), which is all the
 ``quantize`` pass needs.
 
-Data items are a tensor or a tuple/list whose first ``len(inputs)`` entries are the graph
-inputs (so ``(x, label)`` pairs from a DataLoader work). A graph captured with a static
+Data items are a tensor or a tuple/list of the graph inputs (``(x, label)`` pairs from a
+DataLoader work for a single-input graph; graphopt.calibrate.check_calibration_data). A graph captured with a static
 batch cannot run a bigger batch (export bakes the batch into reshapes), so batches are
 split into chunks of the captured batch size when it differs.
 """
@@ -29,16 +29,10 @@ def calibration_batches(graph: Graph, data: Iterable[Any]) -> list[tuple[torch.T
     """Normalize ``data`` into a list of input tuples that fit ``graph``'s input specs."""
     from graphopt.calibrate import check_calibration_data  # graphopt.calibrate imports this module
 
-    data = check_calibration_data(graph, data)  # tensor count, rank, shape, dtype: CalibrationError
-    n_inputs = len(graph.input_nodes)
     static_batch = _static_batch(graph)
     batches: list[tuple[torch.Tensor, ...]] = []
-    for i, item in enumerate(data):
-        items = (item,) if isinstance(item, torch.Tensor) else tuple(item)
-        if len(items) < n_inputs or not all(isinstance(t, torch.Tensor) for t in items[:n_inputs]):
-            raise InputError(f"calibration item {i}: expected {n_inputs} tensor(s) (the graph inputs), "
-                             f"got {type(item).__name__}")
-        items = items[:n_inputs]
+    # tuples of exactly the graph's inputs (count, rank, shape, dtype checked: CalibrationError)
+    for i, items in enumerate(check_calibration_data(graph, data)):
         batch = items[0].shape[0] if items[0].dim() else None
         if static_batch is not None and batch is not None and batch != static_batch:
             if batch % static_batch:
@@ -47,8 +41,6 @@ def calibration_batches(graph: Graph, data: Iterable[Any]) -> list[tuple[torch.T
             batches.extend(zip(*(t.split(static_batch) for t in items)))
         else:
             batches.append(items)
-    if not batches:
-        raise InputError("calibration data is empty")
     for b in batches:
         graph.validate_inputs(b)
     return batches
