@@ -136,16 +136,19 @@ class CompiledModule:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _run(self, args: list[Any]) -> list[Any]:
-        result = self._entry()(*args)
-        results = [result] if hasattr(result, "shape") else list(result)
+        results = self._call_vm(args)
         if self._shared_outputs is None:
             # Which outputs are not fresh buffers? Call again while the first results are
             # alive: a fresh output cannot land in memory that is still in use.
-            again = self._entry()(*args)
-            again = [again] if hasattr(again, "shape") else list(again)
+            again = self._call_vm(args)
             self._shared_outputs = frozenset(i for i, (a, b) in enumerate(zip(results, again))
                                              if a.data_ptr() == b.data_ptr())
         return results
+
+    def _call_vm(self, args: list[Any]) -> list[Any]:
+        """The VM's outputs as a list (it returns a bare tensor for one output, else a tuple)."""
+        result = self._entry()(*args)
+        return [result] if hasattr(result, "shape") else list(result)
 
     def _entry(self):
         """This thread's VM function: looked up once per thread, not per call."""
