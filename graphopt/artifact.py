@@ -54,6 +54,16 @@ def _vm_ready(t: Any) -> bool:
     return t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad and t.data_ptr() % _ALIGN == 0
 
 
+def _aligned_copy(a: np.ndarray) -> np.ndarray:
+    """A dense copy of `a` whose data starts on an _ALIGN boundary. numpy's own copies come
+    from malloc and are only 16-byte aligned, which TVM's aligned vector loads fault on."""
+    buf = np.empty(a.nbytes + _ALIGN, dtype=np.uint8)
+    start = -buf.ctypes.data % _ALIGN
+    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -177,9 +187,9 @@ class CompiledModule:
             args = [torch.from_numpy(a) for a in arrays]  # views of the (contiguous, CPU) inputs
             if all(_vm_ready(a) for a in args):
                 self._local.fast = (torch.Tensor, [(a.shape, a.dtype) for a in args])
-            args = [a if _vm_ready(a) else a.clone() for a in args]
+            args = [a if _vm_ready(a) else torch.from_numpy(_aligned_copy(a.numpy())) for a in args]
             return args, True
-        return [a if a.ctypes.data % _ALIGN == 0 else a.copy() for a in arrays], False
+        return [a if a.ctypes.data % _ALIGN == 0 else _aligned_copy(a) for a in arrays], False
 
     def _check_inputs(self, inputs: Sequence[Any]) -> tuple[list[np.ndarray], bool]:
         if len(inputs) != len(self.inputs):
