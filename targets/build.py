@@ -83,28 +83,7 @@ def relax_pipeline(spec: TargetSpec, *, fusion: Fusion = "tvm", schedules: bool 
     """The Relax pass pipeline for ``spec``; ``extra_passes`` run after legalization and fusion
     (tuning applies its database there)."""
     target = spec.tvm_target()
-    # the submodule, not the package: only it exports dataflow_lower_passes in 0.27
-    if spec.kind == "cuda":
-        from tvm.relax.backend.cuda import pipeline as backend
-    else:
-        from tvm.relax.backend.cpu_generic import pipeline as backend
-    layout, schedule = ([], _gpu_schedule_passes()) if spec.kind == "cuda" else _cpu_schedule_passes(target)
-    if not schedules and spec.kind != "cuda":
-        layout, schedule = [], []
-    prologue, fuse = fusion_passes(fusion)
-    passes = [
-        *prologue,
-        *backend.library_dispatch_passes(target),
-        *layout,
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        *fuse,
-        *(extra_passes or []),
-        *schedule,
-        *backend.dataflow_lower_passes(target),
-        *backend.finalize_passes(target),
-    ]
+    passes = [*_passes_until_scheduled(spec, fusion, schedules, extra_passes), *_lowering_passes(spec)]
 
     @tvm.transform.module_pass(opt_level=0, name="graphopt_build")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
@@ -112,6 +91,49 @@ def relax_pipeline(spec: TargetSpec, *, fusion: Fusion = "tvm", schedules: bool 
             return tvm.transform.Sequential(passes)(mod)
 
     return _pipeline
+
+
+def scheduled_module(mod: tvm.IRModule, spec: TargetSpec, *, fusion: Fusion = "tvm",
+                     schedules: bool = True) -> tvm.IRModule:
+    """``mod`` legalized, fused and scheduled, before lowering to the VM: every kernel is a
+    PrimFunc that ``main`` calls with call_tir (benchmarks/profile_kernels.py times them)."""
+    passes = [*_passes_until_scheduled(spec, fusion, schedules, None), relax.transform.RewriteDataflowReshape()]
+    with spec.tvm_target():
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def _backend(spec: TargetSpec):
+    # the submodule, not the package: only it exports dataflow_lower_passes in 0.27
+    if spec.kind == "cuda":
+        from tvm.relax.backend.cuda import pipeline as backend
+    else:
+        from tvm.relax.backend.cpu_generic import pipeline as backend
+    return backend
+
+
+def _passes_until_scheduled(spec: TargetSpec, fusion: Fusion, schedules: bool, extra_passes: list | None) -> list:
+    target = spec.tvm_target()
+    layout, schedule = ([], _gpu_schedule_passes()) if spec.kind == "cuda" else _cpu_schedule_passes(target)
+    if not schedules and spec.kind != "cuda":
+        layout, schedule = [], []
+    prologue, fuse = fusion_passes(fusion)
+    return [
+        *prologue,
+        *_backend(spec).library_dispatch_passes(target),
+        *layout,
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        *fuse,
+        *(extra_passes or []),
+        *schedule,
+    ]
+
+
+def _lowering_passes(spec: TargetSpec) -> list:
+    target = spec.tvm_target()
+    backend = _backend(spec)
+    return [*backend.dataflow_lower_passes(target), *backend.finalize_passes(target)]
 
 
 def build(mod: tvm.IRModule, spec: TargetSpec, *, fusion: Fusion = "tvm", schedules: bool = True,

@@ -5,7 +5,10 @@ layout copies ...).  Each block is compute-inlined into the last one where possi
 the rest get ``parallel(outer fused loops)`` + ``vectorize(inner loop)``.
 
 ``Fallback``: catches every PrimFunc no other rule took, so nothing is left naive and
-single-threaded.  Spatial blocks are treated as above; reduction blocks get their
+single-threaded.  First the data movement between the real work is inlined (see
+``_inline_data_movement``: the attention group of the transformer is ~25 reshape /
+transpose / take copies around two batch matmuls and a softmax, each of which was a
+full parallel pass over memory).  Spatial blocks are treated as above; reduction blocks get their
 leading spatial loops fused and parallelized (when big enough); multiply-accumulate
 blocks inside bigger funcs (the batch matmuls of legalized ``nn.attention``) get the
 matmul rule's register-blocked GEMM schedule.  Any failure degrades to
@@ -15,6 +18,7 @@ the unscheduled function for that block only (never to a build error).
 from __future__ import annotations
 
 from tvm import s_tir, tirx
+from tvm.ir.expr import Call, Expr  # TVM 0.27: TIR expressions live in tvm.ir.expr
 from tvm.target import Target
 
 from . import base
@@ -60,12 +64,59 @@ class Fallback(base.CPURule):
             return None
         lanes = base.simd_lanes(target)
         cores = base.num_cores(target)
+        blocks = _inline_data_movement(sch, blocks)
         for b in blocks:
             try:
                 _schedule_block(sch, b, lanes, cores, target)
             except Exception:  # noqa: BLE001 - leave this block as it was
                 pass
         return sch
+
+
+def _inline_data_movement(sch: s_tir.Schedule, blocks: list) -> list:
+    """compute_inline the spatial blocks that only move or cheaply transform data.
+
+    A block is inlined into its consumers when it writes no function output, none of its
+    consumers is a GEMM (a matmul operand stays materialized, so the GEMM's vector loads
+    stay contiguous), and recomputing it is cheap: one consumer, or a body without calls
+    (an exp feeding both the sum and the normalization of a softmax is computed once).
+    Returns the blocks that remain, in order."""
+    outs = base.output_blocks(sch)
+    remaining = []
+    for b in blocks:
+        blk = sch.get(b)
+        if "R" in base.iter_kinds(blk) or blk.name_hint in outs:
+            remaining.append(b)
+            continue
+        consumers = sch.get_consumers(b)
+        if (not consumers or any(is_gemm_block(sch.get(c)) for c in consumers)
+                or (len(consumers) > 1 and _has_calls(blk.body))):
+            remaining.append(b)
+            continue
+        try:
+            sch.compute_inline(b)
+        except Exception:  # noqa: BLE001 - e.g. a non-trivial write index; keep the copy
+            remaining.append(b)
+    return remaining
+
+
+def _has_calls(stmt) -> bool:
+    """True when ``stmt`` calls an intrinsic other than a select (exp, tanh, erf ...).
+
+    (TVM 0.27's Python API exposes no post_order_visit, so the expression is walked by
+    its fields.)"""
+    pending = [stmt]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, Call):
+            if getattr(node.op, "name", "") != "tirx.if_then_else":
+                return True
+            pending.extend(node.args)
+        for field in ("value", "a", "b", "condition", "true_value", "false_value"):
+            child = getattr(node, field, None)
+            if isinstance(child, Expr):
+                pending.append(child)
+    return False
 
 
 def _schedule_block(sch: s_tir.Schedule, b, lanes: int, cores: int, target: Target) -> None:
