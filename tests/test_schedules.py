@@ -235,6 +235,28 @@ def test_matmul_rule_bias_relu(m):
     np.testing.assert_allclose(got, np.maximum(a @ w + bias, 0), rtol=RTOL, atol=ATOL * 10)
 
 
+@pytest.mark.parametrize("n, transposed", [(48, False), (1000, True)])
+def test_dense_weights_are_packed_into_register_tile_panels(n, transposed):
+    """A constant [K, N] weight (or the transposed [N, K] of nn.Linear) is stored as
+    [N / JI, K, JI] panels, JI the matmul rule's tile width: each tile's walk down K is
+    one contiguous stream (unpacked it reads JI floats every N*4 bytes)."""
+    a = rng.standard_normal((2, 3, 64), dtype=np.float32)
+    w = rng.standard_normal((64, n), dtype=np.float32)
+
+    def body(bb, av):
+        weight = relax.op.permute_dims(relax.const(np.ascontiguousarray(w.T))) if transposed else relax.const(w)
+        return bb.emit(relax.op.nn.relu(relax.op.matmul(av, weight)))
+
+    mod = _fuse(_build_relax([("a", a.shape)], body))
+    func = _schedule_one(mod, "Matmul")
+    width = 16 if n == 48 else 20  # 1-2 whole 16-lane vectors when N allows, else a divisor of N
+    panels = [p for p in func.params if len(p.shape) == 3 and int(p.shape[1]) == 64]
+    assert [int(d) for d in panels[0].shape] == [n // width, 64, width]
+    assert f"T.vectorized(T.int64({width}))" in _script(func)
+    got = _run_module(_build_relax([("a", a.shape)], body), [a])
+    np.testing.assert_allclose(got, np.maximum(a @ w, 0), rtol=RTOL, atol=ATOL * 10)
+
+
 def test_batch_matmul_rule_parallel():
     a = rng.standard_normal((4, 32, 16), dtype=np.float32)
     b = rng.standard_normal((4, 16, 64), dtype=np.float32)
@@ -390,4 +412,5 @@ def test_matmul_rule_merges_broadcast_batch_into_rows():
     mod = _fuse(_build_relax([("a", a.shape)], lambda bb, av: relax.op.matmul(av, relax.const(w))))
     func = _schedule_one(mod, "Matmul")
     assert "T.unroll" in _script(func)
-    np.testing.assert_allclose(_run_func(func, [a, w]), a @ w, rtol=RTOL, atol=1e-4)
+    panels = np.ascontiguousarray(w.reshape(32, 3, 16).transpose(1, 0, 2))  # the packed constant
+    np.testing.assert_allclose(_run_func(func, [a, panels]), a @ w, rtol=RTOL, atol=1e-4)

@@ -39,7 +39,7 @@ from .conv2d import Conv2dNCHW
 from .depthwise import DepthwiseConv2dNCHW
 from .elementwise import Fallback, Injective
 from .int8 import Int8DotProduct, int8_layout_passes
-from .layout import conv_weight_to_hwio
+from .layout import conv_weight_to_hwio, pack_dense_weights
 from .matmul import Matmul
 from .pooling import Pooling
 from .reduction import RowReduction
@@ -121,8 +121,9 @@ def cpu_layout_passes(target: tvm.target.Target) -> list:
       at tuples: without it every conv is followed by a separate relu/clip pass over
       memory (resnet18: 24 -> 19 kernels, conv+BN+add+relu in one).
     * conv_weight_to_hwio: constant conv2d weights OIHW -> HWIO (see layout.py).
+    * pack_dense_weights: constant dense weights [K, N] -> register-tile panels (layout.py).
     """
     if target is not None and tvm.target.Target(target).kind.name != "llvm":
         return []
     return [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
-            *int8_layout_passes(target), conv_weight_to_hwio]
+            *int8_layout_passes(target), conv_weight_to_hwio, pack_dense_weights(simd_lanes(target))]

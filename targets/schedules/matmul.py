@@ -71,6 +71,17 @@ class Matmul(base.CPURule):
         return sch
 
 
+def gemm_j_tile(n_ext: int, lanes: int) -> int:
+    """Output columns per register tile: 1-2 SIMD vectors when N allows, else a divisor.
+
+    layout.py packs constant weights in panels of exactly this width, so the two must
+    agree (a panel of another width would make the tile's vector loads strided)."""
+    ji = base.largest_divisor(n_ext, 2 * lanes, lanes) or base.largest_divisor(n_ext, 2 * lanes, 4)
+    if ji == 0:
+        ji = n_ext if n_ext <= 2 * lanes else base.largest_divisor(n_ext, 2 * lanes)
+    return ji
+
+
 def is_gemm_block(block) -> bool:
     kinds = base.iter_kinds(block)
     if not kinds.endswith("SSR") or kinds.count("R") != 1 or not kinds.startswith("S"):
@@ -106,9 +117,7 @@ def schedule_gemm_block(sch, main, target: Target, post=()):
     if merge_batch:
         for e in exts[:-3]:
             m_ext *= e
-    ji = base.largest_divisor(n_ext, 2 * lanes, lanes) or base.largest_divisor(n_ext, 2 * lanes, 4)
-    if ji == 0:
-        ji = n_ext if n_ext <= 2 * lanes else base.largest_divisor(n_ext, 2 * lanes)
+    ji = gemm_j_tile(n_ext, lanes)
     j_vecs = max((ji + lanes - 1) // lanes, 1)
     ii = base.largest_divisor(m_ext, max(max_acc // j_vecs, 1)) or 1
 
