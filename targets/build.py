@@ -23,6 +23,7 @@ import tvm
 from tvm import relax
 
 from graphopt.errors import CompilationError
+from graphopt.targets.legalize import CPU_LEGALIZE
 from graphopt.targets.registry import TargetSpec
 
 Fusion = Literal["graph", "tvm", "none"]
@@ -121,13 +122,14 @@ def _passes_until_scheduled(spec: TargetSpec, fusion: Fusion, schedules: bool, e
         *prologue,
         *_backend(spec).library_dispatch_passes(target),
         *layout,
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(customize_legalize_map=None if spec.kind == "cuda" else CPU_LEGALIZE),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         *fuse,
         *(extra_passes or []),
         *schedule,
     ]
+
 
 
 def _lowering_passes(spec: TargetSpec) -> list:
