@@ -23,26 +23,13 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import tvm  # noqa: E402
-from tvm import relax  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt.models import REFERENCE_MODELS  # noqa: E402
-from graphopt.targets.build import fusion_mode, scheduled_module  # noqa: E402
+from graphopt.targets.build import fusion_mode, scheduled_module, tir_calls  # noqa: E402
 from graphopt.targets.lower import lower_to_relax  # noqa: E402
 from graphopt.targets.registry import resolve_target  # noqa: E402
 from graphopt.timing import time_calls  # noqa: E402
-
-
-def launches(mod: tvm.IRModule) -> list[str]:
-    """PrimFunc names in the order ``main`` calls them."""
-    call_tir = tvm.ir.Op.get("relax.call_tir")
-    names = []
-    for block in mod["main"].body.blocks:
-        for binding in block.bindings:
-            value = binding.value
-            if isinstance(value, relax.Call) and value.op.same_as(call_tir):
-                names.append(value.args[0].name_hint)
-    return names
 
 
 def random_args(func: tvm.tirx.PrimFunc, dev) -> list:
@@ -88,7 +75,7 @@ def main() -> None:
     mod = scheduled_module(lower_to_relax(graph), spec, fusion=fusion)
 
     target, dev = spec.tvm_target(), tvm.cpu(0)
-    order = launches(mod)
+    order = [name for name, _ in tir_calls(mod)]
     counts = Counter(order)
     per_launch = {name: time_kernel(mod[name], target, dev) for name in counts}
     total = sum(per_launch[n] * c for n, c in counts.items())

@@ -122,7 +122,7 @@ def _passes_until_scheduled(spec: TargetSpec, fusion: Fusion, schedules: bool, e
         *prologue,
         *_backend(spec).library_dispatch_passes(target),
         *layout,
-        relax.transform.LegalizeOps(customize_legalize_map=None if spec.kind == "cuda" else CPU_LEGALIZE),
+        _legalize(spec),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         *fuse,
@@ -130,6 +130,10 @@ def _passes_until_scheduled(spec: TargetSpec, fusion: Fusion, schedules: bool, e
         *schedule,
     ]
 
+
+
+def _legalize(spec: TargetSpec) -> tvm.transform.Pass:
+    return relax.transform.LegalizeOps(customize_legalize_map=None if spec.kind == "cuda" else CPU_LEGALIZE)
 
 
 def _lowering_passes(spec: TargetSpec) -> list:
@@ -255,18 +259,23 @@ def kernel_launches(mod: tvm.IRModule, spec: TargetSpec, fusion: Fusion) -> list
     ``mod`` (from lower_to_relax) is legalized and fused with ``fusion``. Reshapes that
     TVM turns into no-copy views are not kernels."""
     prologue, fuse = fusion_passes(fusion)
-    seq = tvm.transform.Sequential([*prologue, relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+    seq = tvm.transform.Sequential([*prologue, _legalize(spec), relax.transform.AnnotateTIROpPattern(),
                                     relax.transform.FoldConstant(), *fuse, relax.transform.RewriteDataflowReshape()])
     with spec.tvm_target():
         fused = seq(mod)
+    return [(name, _sinfo_bytes(var.ty)) for name, var in tir_calls(fused)]
+
+
+def tir_calls(mod: tvm.IRModule) -> list[tuple[str, relax.Var]]:
+    """(PrimFunc name, the var bound to its result) for each call_tir of ``main``, in order."""
     call_tir = tvm.ir.Op.get("relax.call_tir")
-    launches = []
-    for block in fused["main"].body.blocks:
+    calls = []
+    for block in mod["main"].body.blocks:
         for binding in block.bindings:
             value = binding.value
             if isinstance(value, relax.Call) and value.op.same_as(call_tir):
-                launches.append((value.args[0].name_hint, _sinfo_bytes(binding.var.ty)))
-    return launches
+                calls.append((value.args[0].name_hint, binding.var))
+    return calls
 
 
 def _sinfo_bytes(sinfo) -> int:

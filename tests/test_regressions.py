@@ -164,3 +164,22 @@ def test_fuse_after_a_dissolved_group_fuzz_seeds_5006_and_26():
     assert sorted(out.annotations["fusion"]) == list(range(len(groups)))  # ids renumbered from 0
     for expected, actual in zip(before, out(x)):
         assert torch.equal(actual, expected)  # fuse only annotates
+
+
+class MaximumThenSoftmaxOverAMiddleAxis(torch.nn.Module):
+    def forward(self, a, b):
+        return torch.softmax(torch.maximum(b, a), dim=1)
+
+
+def test_softmax_over_a_middle_axis_after_nan_safe_maximum_fuzz_seed_7091():
+    """The row-reduction rule parallelized the softmax axis itself (it assumes the trailing
+    axes are reduced) and vectorized the NaN-safe maximum's bool blocks, which LLVM 22
+    rejected (``or <6 x i8>, <6 x i1>``): the build failed. Now the rule declines both."""
+    torch.manual_seed(0)
+    a, b = torch.randn(1, 6, 1), torch.randn(1, 6, 1)
+    model = MaximumThenSoftmaxOverAMiddleAxis()
+    module = graphopt.compile(model, "x86", (a, b))
+    torch.testing.assert_close(module(a, b), model(a, b), rtol=1e-5, atol=1e-6)
+    a, b = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    module = graphopt.compile(model, "x86", (a, b))
+    torch.testing.assert_close(module(a, b), model(a, b), rtol=1e-5, atol=1e-6)

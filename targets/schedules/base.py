@@ -107,6 +107,38 @@ def iter_kinds(block: tirx.SBlock) -> str:
     return "".join(kinds.get(int(iv.iter_type), "O") for iv in block.iter_vars)
 
 
+def uses_var(expr, var) -> bool:
+    """True when ``var`` occurs in ``expr`` (TVM 0.27's Python API has no post_order_visit)."""
+    pending = [expr]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, tirx.Var):
+            if node.same_as(var):
+                return True
+            continue
+        for name in ("a", "b", "value", "condition", "true_value", "false_value"):
+            child = getattr(node, name, None)
+            if child is not None and not isinstance(child, (int, float, str)):
+                pending.append(child)
+        pending.extend(getattr(node, "args", ()) if hasattr(node, "op") else ())
+        pending.extend(getattr(node, "indices", ()))
+    return False
+
+
+def reduces_trailing_axes(block: tirx.SBlock) -> bool:
+    """True when every buffer the block reads is reduced over its trailing axes only.
+
+    Row-reduction schedules (dlight's and ours) parallelize the leading axes and walk the
+    reduced ones inside; a softmax over a middle axis (``softmax(x, dim=1)`` on (1, 6, 1))
+    would put the reduced axis in the parallel loop."""
+    reduce_vars = [iv.var for iv in block.iter_vars if int(iv.iter_type) == tirx.IterVar.CommReduce]
+    for region in block.reads:
+        reduced = [any(uses_var(r.min, v) for v in reduce_vars) for r in region.region]
+        if any(reduced) and not all(reduced[reduced.index(True):]):
+            return False
+    return True
+
+
 @dataclass
 class FuncInfo:
     """A PrimFunc as ``pre`` blocks -> ``main`` block -> ``post`` blocks (all root children)."""
@@ -258,6 +290,8 @@ def parallel_vectorize_injective(sch: s_tir.Schedule, block, lanes: int, cores: 
     inner = loops[-1]
     inner_ext = extents[-1]
     outer_loops = loops[:-1]
+    if str(sch.get(block).writes[0].source.dtype) == "bool":
+        inner_ext = 1  # LLVM 22 rejects TVM's vector code for bool buffers (i8 in memory, i1 in registers)
     # Vectorize the innermost loop: whole loop if short, else a `lanes`-wide (or a
     # small multiple) divisor so no tail predicate blocks vectorization.
     if inner_ext > 1:

@@ -36,6 +36,10 @@ class RowReduction(base.CPURule):
         # matmuls around a softmax) belong to the matmul / conv / fallback rules.
         if any(base.mac_operands(sch.get(b)) is not None for b in info.blocks):
             return None
+        if not all(base.reduces_trailing_axes(sch.get(b)) for b in info.blocks if "R" in base.iter_kinds(sch.get(b))):
+            return None  # e.g. softmax over a middle axis: the fallback rule's loops stay correct
+        if any(str(sch.get(b).writes[0].source.dtype) == "bool" for b in info.blocks):
+            return None  # dlight vectorizes bool blocks, which LLVM 22 rejects (see base.py)
         try:
             return _DlightReduction().apply(func, target, tunable)
         except Exception:  # noqa: BLE001 - pattern dlight cannot handle: fallback rule
