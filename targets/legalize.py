@@ -30,7 +30,7 @@ def _attention(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     head_dim = sinfo.shape.values[3] if sinfo.shape is not None else None
     if (len(call.args) > 3 or attrs.causal_mask is not None or attrs.window_size is not None
             or not isinstance(head_dim, tvm.tirx.IntImm)):
-        return _default_legalization(call.op)(bb, call)
+        return call.op.get_attr("FLegalize")(bb, call)  # TVM's own legalization
     scale = float(attrs.scale) if attrs.scale is not None else 1.0 / math.sqrt(int(head_dim))
     dtype = sinfo.dtype
     qh = relax.op.permute_dims(q, [0, 2, 1, 3])  # (batch, heads, seq, dim)
@@ -39,10 +39,6 @@ def _attention(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     scores = relax.op.multiply(relax.op.matmul(qh, kt), relax.const(scale, dtype))
     out = relax.op.matmul(relax.op.nn.softmax(scores, axis=-1), vh)
     return relax.op.permute_dims(out, [0, 2, 1, 3])
-
-
-def _default_legalization(op: tvm.ir.Op):
-    return op.get_attr("FLegalize")
 
 
 CPU_LEGALIZE = {"relax.nn.softmax": _fast_softmax, "relax.nn.attention": _attention}

@@ -107,22 +107,31 @@ def iter_kinds(block: tirx.SBlock) -> str:
     return "".join(kinds.get(int(iv.iter_type), "O") for iv in block.iter_vars)
 
 
-def uses_var(expr, var) -> bool:
-    """True when ``var`` occurs in ``expr`` (TVM 0.27's Python API has no post_order_visit)."""
-    pending = [expr]
+def subexpressions(node):
+    """``node`` and every expression below it (operands, call arguments, load indices).
+
+    TVM 0.27's Python API has no post_order_visit, so the tree is walked by its fields."""
+    pending = [node]
     while pending:
         node = pending.pop()
-        if isinstance(node, tirx.Var):
-            if node.same_as(var):
-                return True
-            continue
+        yield node
         for name in ("a", "b", "value", "condition", "true_value", "false_value"):
             child = getattr(node, name, None)
             if child is not None and not isinstance(child, (int, float, str)):
                 pending.append(child)
         pending.extend(getattr(node, "args", ()) if hasattr(node, "op") else ())
         pending.extend(getattr(node, "indices", ()))
-    return False
+
+
+def uses_var(expr, var) -> bool:
+    """True when ``var`` occurs in ``expr``."""
+    return any(isinstance(e, tirx.Var) and e.same_as(var) for e in subexpressions(expr))
+
+
+def writes_bool(block: tirx.SBlock) -> bool:
+    """Bool blocks stay scalar: LLVM 22 rejects TVM's vector code for them (i8 in memory,
+    i1 in registers: ``or <6 x i8>, <6 x i1>``)."""
+    return str(block.writes[0].source.dtype) == "bool"
 
 
 def reduces_trailing_axes(block: tirx.SBlock) -> bool:
@@ -290,11 +299,9 @@ def parallel_vectorize_injective(sch: s_tir.Schedule, block, lanes: int, cores: 
     inner = loops[-1]
     inner_ext = extents[-1]
     outer_loops = loops[:-1]
-    if str(sch.get(block).writes[0].source.dtype) == "bool":
-        inner_ext = 1  # LLVM 22 rejects TVM's vector code for bool buffers (i8 in memory, i1 in registers)
     # Vectorize the innermost loop: whole loop if short, else a `lanes`-wide (or a
     # small multiple) divisor so no tail predicate blocks vectorization.
-    if inner_ext > 1:
+    if inner_ext > 1 and not writes_bool(sch.get(block)):
         vec = largest_divisor(inner_ext, 4 * lanes, 1)
         if vec >= 4 or vec == inner_ext:
             if vec < inner_ext:

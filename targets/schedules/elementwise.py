@@ -18,7 +18,7 @@ the unscheduled function for that block only (never to a build error).
 from __future__ import annotations
 
 from tvm import s_tir, tirx
-from tvm.ir.expr import Call, Expr  # TVM 0.27: TIR expressions live in tvm.ir.expr
+from tvm.ir.expr import Call  # TVM 0.27: TIR expressions live in tvm.ir.expr
 from tvm.target import Target
 
 from . import base
@@ -101,23 +101,11 @@ def _inline_data_movement(sch: s_tir.Schedule, blocks: list) -> list:
 
 
 def _has_calls(stmt) -> bool:
-    """True when ``stmt`` calls an intrinsic other than a select (exp, tanh, erf ...).
-
-    (TVM 0.27's Python API exposes no post_order_visit, so the expression is walked by
-    its fields.)"""
-    pending = [stmt]
-    while pending:
-        node = pending.pop()
-        if isinstance(node, Call):
-            constant = all(isinstance(arg, (tirx.IntImm, tirx.FloatImm)) for arg in node.args)
-            if getattr(node.op, "name", "") != "tirx.if_then_else" and not constant:
-                return True  # (a call on constants, like attention's 1/sqrt(64), folds away)
-            pending.extend(node.args)
-        for field in ("value", "a", "b", "condition", "true_value", "false_value"):
-            child = getattr(node, field, None)
-            if isinstance(child, Expr):
-                pending.append(child)
-    return False
+    """True when ``stmt`` calls an intrinsic other than a select (exp, tanh, erf ...);
+    a call on constants, like attention's 1/sqrt(64), folds away and does not count."""
+    return any(isinstance(e, Call) and getattr(e.op, "name", "") != "tirx.if_then_else"
+               and not all(isinstance(arg, (tirx.IntImm, tirx.FloatImm)) for arg in e.args)
+               for e in base.subexpressions(stmt))
 
 
 def _schedule_block(sch: s_tir.Schedule, b, lanes: int, cores: int, target: Target) -> None:

@@ -38,8 +38,8 @@ class RowReduction(base.CPURule):
             return None
         if not all(base.reduces_trailing_axes(sch.get(b)) for b in info.blocks if "R" in base.iter_kinds(sch.get(b))):
             return None  # e.g. softmax over a middle axis: the fallback rule's loops stay correct
-        if any(str(sch.get(b).writes[0].source.dtype) == "bool" for b in info.blocks):
-            return None  # dlight vectorizes bool blocks, which LLVM 22 rejects (see base.py)
+        if any(base.writes_bool(sch.get(b)) for b in info.blocks):
+            return None  # dlight would vectorize them (see base.writes_bool)
         try:
             return _DlightReduction().apply(func, target, tunable)
         except Exception:  # noqa: BLE001 - pattern dlight cannot handle: fallback rule
