@@ -3,7 +3,8 @@
     python benchmarks/bench_compile.py [--models mlp,cnn,...] [--batches 1,8] [--pipeline default]
 
 For each reference model and batch size, in one run with every runtime on the same
-threads (TVM_NUM_THREADS, default 2): graphopt's compile time, median latencies, ratios
+threads (TVM_NUM_THREADS, default 2): graphopt's compile time, latencies (best of three
+medians, the runtimes taking turns: ``common.interleaved_medians``), ratios
 against each peer, and achieved GFLOP/s next to two peaks: the nominal one (cores x
 flop/cycle x clock, see ``nominal_peak_gflops``) and torch's own fp32 GEMM on this machine.
 Every graphopt output is checked against eager first (fp32 rung, docs/TOLERANCES.md).
@@ -23,7 +24,7 @@ import torch  # noqa: E402
 
 import graphopt  # noqa: E402
 import peers  # noqa: E402
-from common import THREADS, median_ms, set_threads, table  # noqa: E402
+from common import THREADS, interleaved_medians, set_threads, table  # noqa: E402
 from graphopt.models import REFERENCE_MODELS  # noqa: E402
 from graphopt.testing import assert_matches_eager  # noqa: E402
 
@@ -50,11 +51,15 @@ def bench(name: str, batch: int, pipeline: str, folder: str) -> list[object]:
     module = graphopt.compile(model, "x86", (x,), pipeline)
     compile_s = time.perf_counter() - t
     assert_matches_eager(module(x), model, (x,), rtol=1e-4, atol=1e-5 * max(1.0, float(model(x).abs().max())))
-    ours = median_ms(lambda: module(x))
-    eager = median_ms(peers.eager(model, x))
-    compiled, mode = peers.torch_compile_ms(model, x)
+    runners = {"graphopt": lambda: module(x), "eager": peers.eager(model, x)}
+    compiled_run, _mode = peers.torch_compile(model, x)
+    if compiled_run is not None:
+        runners["torch.compile"] = compiled_run
     ort_run = peers.onnx_runtime(model, x, folder)
-    ort = median_ms(ort_run) if ort_run is not None else None
+    if ort_run is not None:
+        runners["ORT"] = ort_run
+    ms = interleaved_medians(runners)
+    ours, eager, compiled, ort = ms["graphopt"], ms["eager"], ms.get("torch.compile"), ms.get("ORT")
     gflop = module.graph.summary().flops / 1e9
 
     def ratio(peer: float | None) -> str:
@@ -81,7 +86,7 @@ def main() -> None:
     peak, how = nominal_peak_gflops()
     gemm = peers.gemm_gflops()
     print(f"\ngraphopt {graphopt.__version__}, pipeline '{args.pipeline}', target x86 (untuned), {THREADS} threads; "
-          f"latencies are medians in ms; ratios > 1 mean graphopt is faster\n")
+          f"latencies in ms, best of 3 interleaved medians; ratios > 1 mean graphopt is faster\n")
     print(table(["model", "batch", "compile s", "graphopt", "eager", "torch.compile", "ORT",
                  "vs eager", "vs torch.compile", "vs ORT", "vs best peer", "GFLOP/s"], rows))
     print(f"\nfp32 peak: nominal {peak:.0f} GFLOP/s at the reported clock ({how}); torch GEMM 1024^3 reaches {gemm:.0f} GFLOP/s here.")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
-from common import median_ms, set_threads, table  # noqa: E402
+from common import interleaved_medians, set_threads, table  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -83,19 +83,19 @@ def bench(name: str, args) -> dict:
     row["2nd measured"] = again.log.measured
 
     xn = x.numpy()
-    row["eager ms"] = median_ms(peers.eager(model, x), args.runs)
-    compiled_ms, mode = peers.torch_compile_ms(model, x, args.runs)
-    row["torch.compile ms"] = compiled_ms if compiled_ms is not None else float("nan")
+    runners = {"eager": peers.eager(model, x), "untuned": lambda: untuned(xn), "tuned": lambda: tuned(xn)}
+    compiled_run, mode = peers.torch_compile(model, x, args.runs)
+    if compiled_run is not None:
+        runners["torch.compile"] = compiled_run
     row["torch.compile mode"] = mode
     with tempfile.TemporaryDirectory() as tmp:
         ort_run = peers.onnx_runtime(model, x, tmp)
-        row["ORT ms"] = median_ms(ort_run, args.runs) if ort_run else float("nan")
-    # graphopt last, interleaved: untuned and tuned alternate so machine noise hits both alike
-    untuned_ms, tuned_ms = [], []
-    for _ in range(3):
-        untuned_ms.append(median_ms(lambda: untuned(xn), args.runs))
-        tuned_ms.append(median_ms(lambda: tuned(xn), args.runs))
-    row["untuned ms"], row["tuned ms"] = float(np.median(untuned_ms)), float(np.median(tuned_ms))
+        if ort_run is not None:
+            runners["ORT"] = ort_run
+        ms = interleaved_medians(runners, runs=args.runs)
+    row["eager ms"], row["untuned ms"], row["tuned ms"] = ms["eager"], ms["untuned"], ms["tuned"]
+    row["torch.compile ms"] = ms.get("torch.compile", float("nan"))
+    row["ORT ms"] = ms.get("ORT", float("nan"))
     return row
 
 

@@ -28,28 +28,35 @@ def eager(model: torch.nn.Module, x: torch.Tensor) -> Runner:
     return run
 
 
-def torch_compile_ms(model: torch.nn.Module, x: torch.Tensor, runs: int = 30) -> tuple[float | None, str]:
-    """Median latency of the faster of torch.compile's default and frozen-weights modes, and which."""
+def torch_compile(model: torch.nn.Module, x: torch.Tensor, runs: int = 30) -> tuple[Runner | None, str]:
+    """The faster of torch.compile's default and frozen-weights modes, as a runner, and which.
+
+    Both modes are compiled and timed; the winner is compiled again last, because
+    ``torch._dynamo.reset()`` (needed to switch modes) drops the code of earlier ones."""
     import torch._dynamo
     import torch._inductor.config as inductor
 
-    best: tuple[float | None, str] = (None, "failed")
-    for mode, freezing in (("default", False), ("freezing", True)):
+    def build(freezing: bool) -> Runner:
         torch._dynamo.reset()
         inductor.freezing = freezing
         try:
             run = eager(torch.compile(model), x)
             run()  # compile outside the timing
-            ms = median_ms(run, runs=runs)
-        except Exception as e:  # noqa: BLE001 - a failing peer is reported, not fatal
-            print(f"  torch.compile ({mode}) failed: {type(e).__name__}: {e}", file=sys.stderr)
-            continue
+            return run
         finally:
             inductor.freezing = False
-        if best[0] is None or ms < best[0]:
-            best = (ms, mode)
-    torch._dynamo.reset()
-    return best
+
+    timed: dict[str, float] = {}
+    for mode, freezing in (("default", False), ("freezing", True)):
+        try:
+            timed[mode] = median_ms(build(freezing), runs=runs)
+        except Exception as e:  # noqa: BLE001 - a failing peer is reported, not fatal
+            print(f"  torch.compile ({mode}) failed: {type(e).__name__}: {e}", file=sys.stderr)
+    if not timed:
+        torch._dynamo.reset()
+        return None, "failed"
+    mode = min(timed, key=timed.__getitem__)
+    return build(mode == "freezing"), mode
 
 
 def onnx_runtime(model: torch.nn.Module, x: torch.Tensor, folder: str) -> Runner | None:

@@ -4,7 +4,7 @@ The Relax VM of TVM 0.27 has no per-kernel profiler, so this script stops the bu
 after scheduling (targets/build.py ``scheduled_module``), compiles each PrimFunc that
 ``main`` launches as a module of its own and times it on random inputs with TVM's
 time_evaluator. Kernels launched several times with the same PrimFunc are counted once
-per launch. Prints a markdown table, slowest first, with the sum against the end-to-end
+per launch. Prints a markdown table, slowest first (with achieved GFLOP/s), with the sum against the end-to-end
 latency of the real artifact (the difference is VM overhead and cache effects).
 
     TVM_NUM_THREADS=2 python benchmarks/profile_kernels.py mobilenet_v2 [--pipeline fold,fuse]
@@ -23,6 +23,7 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import tvm  # noqa: E402
+from tvm.s_tir.analysis import estimate_tir_flops  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt.models import REFERENCE_MODELS  # noqa: E402
@@ -45,8 +46,16 @@ def random_args(func: tvm.tirx.PrimFunc, dev) -> list:
 
 def signature(func: tvm.tirx.PrimFunc) -> str:
     """The kernel's buffers, e.g. ``1x16x112x112, 96x16x1x1 -> 1x96x112x112``."""
-    shapes = ["x".join(str(d) for d in buf.shape) for buf in func.params]
+    shapes = ["x".join(str(int(d)) for d in buf.shape) for buf in func.params]
     return ", ".join(shapes[:-1]) + " -> " + shapes[-1]
+
+
+def gflop(func: tvm.tirx.PrimFunc) -> float:
+    """The kernel's arithmetic (TVM's own estimate: multiply-adds count 2)."""
+    try:
+        return estimate_tir_flops(tvm.IRModule({"main": func})) / 1e9
+    except Exception:  # noqa: BLE001 - an estimate only: a kernel it cannot read shows 0
+        return 0.0
 
 
 def time_kernel(func: tvm.tirx.PrimFunc, target, dev) -> float:
@@ -87,12 +96,13 @@ def main() -> None:
           f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}\n")
     print(f"{len(order)} launches of {len(counts)} kernels; sum of kernels {total:.3f} ms, "
           f"end to end {end_to_end:.3f} ms\n")
-    print("| kernel | reads -> writes | launches | ms each | ms total | share |")
-    print("|---|---|---|---|---|---|")
+    print("| kernel | reads -> writes | launches | ms each | ms total | share | GFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
     ranked = sorted(counts, key=lambda n: -per_launch[n] * counts[n])
     for name in ranked[:args.top]:
         t = per_launch[name] * counts[name]
-        print(f"| {name} | {signature(mod[name])} | {counts[name]} | {per_launch[name]:.4f} | {t:.4f} | {100 * t / total:.1f}% |")
+        print(f"| {name} | {signature(mod[name])} | {counts[name]} | {per_launch[name]:.4f} | {t:.4f} | {100 * t / total:.1f}% "
+              f"| {gflop(mod[name]) / per_launch[name] * 1e3:.1f} |")
 
 
 if __name__ == "__main__":
