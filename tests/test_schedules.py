@@ -249,12 +249,31 @@ def test_dense_weights_are_packed_into_register_tile_panels(n, transposed):
 
     mod = _fuse(_build_relax([("a", a.shape)], body))
     func = _schedule_one(mod, "Matmul")
-    width = 16 if n == 48 else 20  # 1-2 whole 16-lane vectors when N allows, else a divisor of N
+    # 6 rows (batch merged into M): 1-2 whole 16-lane vectors when N allows, else a
+    # power-of-two part of one -- never an odd width such as 20 for N = 1000.
+    width = 16 if n == 48 else 8
     panels = [p for p in func.params if len(p.shape) == 3 and int(p.shape[1]) == 64]
     assert [int(d) for d in panels[0].shape] == [n // width, 64, width]
     assert f"T.vectorized(T.int64({width}))" in _script(func)
     got = _run_module(_build_relax([("a", a.shape)], body), [a])
     np.testing.assert_allclose(got, np.maximum(a @ w, 0), rtol=RTOL, atol=ATOL * 10)
+
+
+@pytest.mark.parametrize("rows, width", [(1, 20), (8, 8)])
+def test_dense_tile_width_is_widest_for_gemv_and_power_of_two_for_gemm(rows, width):
+    """N = 1000 (a classifier): one row wants the widest tile (more FMA chains), several
+    rows want whole vector registers (LLVM turns <20 x float> into zmm+xmm shuffles)."""
+    from targets.schedules.matmul import gemm_j_tile
+
+    assert gemm_j_tile(1000, 16, rows) == width
+    a = rng.standard_normal((rows, 128), dtype=np.float32)
+    w = rng.standard_normal((128, 1000), dtype=np.float32)
+    body = lambda bb, av: bb.emit(relax.op.matmul(av, relax.const(w)))  # noqa: E731
+    func = _schedule_one(_fuse(_build_relax([("a", a.shape)], body)), "Matmul")
+    panels = [p for p in func.params if len(p.shape) == 3]
+    assert [int(d) for d in panels[0].shape] == [1000 // width, 128, width]
+    got = _run_module(_build_relax([("a", a.shape)], body), [a])
+    np.testing.assert_allclose(got, a @ w, rtol=RTOL, atol=1e-4)
 
 
 def test_batch_matmul_rule_parallel():

@@ -118,7 +118,8 @@ class _PackDenseWeights(PyExprMutator):
                 or not all(isinstance(d, tvm.tirx.IntImm) for d in sinfo.shape.values)):
             return call  # dynamic shapes keep the plain matmul (its tile would not be known)
         k_ext, n = w.shape
-        width = gemm_j_tile(n, self.lanes)
+        rows = int(np.prod([int(d) for d in sinfo.shape.values[:-1]]))  # the rule's M (batch merged)
+        width = gemm_j_tile(n, self.lanes, rows)
         panels = np.ascontiguousarray(w.reshape(k_ext, n // width, width).transpose(1, 0, 2))
         return self.builder_.call_te(packed_dense_te, x, relax.const(panels, "float32"), n,
                                      primfunc_name_hint="matmul_packed")

@@ -71,11 +71,20 @@ class Matmul(base.CPURule):
         return sch
 
 
-def gemm_j_tile(n_ext: int, lanes: int) -> int:
+def gemm_j_tile(n_ext: int, lanes: int, m_ext: int) -> int:
     """Output columns per register tile: 1-2 SIMD vectors when N allows, else a divisor.
 
+    With rows to spare (M >= 2) the tile is a whole or power-of-two part of a register:
+    LLVM splits odd widths such as <20 x float> (N = 1000) into a zmm + xmm pair with
+    shuffles, 10x slower than 8-lane tiles (mobilenet's classifier at batch 8: 16 vs 180
+    GFLOP/s). A GEMV (M = 1) has one accumulator row, so there the widest tile wins:
+    more independent FMA chains (N = 1000: 43 GFLOP/s at 20 wide, 28 at 8).
     layout.py packs constant weights in panels of exactly this width, so the two must
     agree (a panel of another width would make the tile's vector loads strided)."""
+    if m_ext >= 2:
+        for ji in (2 * lanes, lanes, lanes // 2, lanes // 4):
+            if ji >= 1 and n_ext % ji == 0:
+                return ji
     ji = base.largest_divisor(n_ext, 2 * lanes, lanes) or base.largest_divisor(n_ext, 2 * lanes, 4)
     if ji == 0:
         ji = n_ext if n_ext <= 2 * lanes else base.largest_divisor(n_ext, 2 * lanes)
@@ -117,7 +126,7 @@ def schedule_gemm_block(sch, main, target: Target, post=()):
     if merge_batch:
         for e in exts[:-3]:
             m_ext *= e
-    ji = gemm_j_tile(n_ext, lanes)
+    ji = gemm_j_tile(n_ext, lanes, m_ext)
     j_vecs = max((ji + lanes - 1) // lanes, 1)
     ii = base.largest_divisor(m_ext, max(max_acc // j_vecs, 1)) or 1
 
