@@ -133,6 +133,20 @@ def test_conv2d_rule_fused_epilogue(stride):
     np.testing.assert_allclose(got, ref, rtol=RTOL, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel, padding, copy_kept", [(1, 0, False), (3, 1, True)])
+def test_conv2d_copies_its_input_only_to_pad_it(kernel, padding, copy_kept):
+    """An unpadded conv's "pad_temp" is a plain copy of the input: it is inlined, not run
+    as a pass of its own (14x14 output: the channel-vectorized kernel, not the pointwise
+    one). A real padding stays a block -- inlined, it would bounds-check every load."""
+    x = rng.standard_normal((1, 48, 14, 14), dtype=np.float32)
+    w = rng.standard_normal((32, 48, kernel, kernel), dtype=np.float32)
+    body = lambda bb, xv: relax.op.nn.conv2d(xv, relax.const(w), padding=padding)  # noqa: E731
+    func = _schedule_one(_fuse(_build_relax([("x", x.shape)], body)), "Conv2dNCHW")
+    assert ("pad_temp" in _script(func)) == copy_kept
+    got = _run_module(_fuse(_build_relax([("x", x.shape)], body)), [x])
+    np.testing.assert_allclose(got, _conv_ref(x, w, 1, padding), rtol=RTOL, atol=1e-4)
+
+
 def test_conv2d_rule_runtime_weight_oihw():
     """A non-constant weight keeps OIHW; the rule must still be correct."""
     x = rng.standard_normal((1, 8, 10, 10), dtype=np.float32)

@@ -266,6 +266,25 @@ def inline_post(sch: s_tir.Schedule, post: list) -> list:
     return remaining
 
 
+def inline_plain_copies(sch: s_tir.Schedule, pre: list) -> list:
+    """compute_inline every prologue block that is a plain copy; return the others.
+
+    The "pad_temp" of an unpadded conv (every 1x1 conv) is a copy of the input: as its
+    own block it is a full parallel pass over memory, and with two cores each conv task
+    then reads half its input from the other core's cache.  Real padding stays a block
+    (inlined, it would put a bounds check on every load of the inner loop)."""
+    kept = []
+    for b in pre:
+        if isinstance(sch.get(b).body.value, Load):
+            try:
+                sch.compute_inline(b)
+                continue
+            except Exception:  # noqa: BLE001 - e.g. a copy feeding two consumers; keep it
+                pass
+        kept.append(b)
+    return kept
+
+
 def fuse_epilogue(sch: s_tir.Schedule, writeback, post: list) -> list:
     """Fold the (already compute-inlined) epilogue into ``writeback``.
 

@@ -131,12 +131,7 @@ def _schedule_pointwise(sch, info: base.FuncInfo, target: Target, lanes: int, ma
         return None
     hwi, fi = plan
     post = base.inline_post(sch, info.post)
-    pre = []
-    for b in info.pre:  # a 1x1 conv's "pad_temp" is normally a plain copy: drop it
-        try:
-            sch.compute_inline(b)
-        except Exception:  # noqa: BLE001
-            pre.append(b)
+    pre = base.inline_plain_copies(sch, info.pre)
     wb = sch.cache_write(main, 0, "local")
     n, f, y, x, rc, ry, rx = sch.get_loops(main)
     hw = sch.fuse(y, x)
@@ -208,6 +203,7 @@ class Conv2dNCHW(base.CPURule):
         rn = base.largest_divisor(x_ext, max(max_acc // f_vecs, 1)) or 1
 
         post = base.inline_post(sch, info.post)
+        pre = base.inline_plain_copies(sch, info.pre)
         wb = sch.cache_write(main, 0, "local")
         # Accumulator laid out (n, y, x, f): vector axis f contiguous.
         sch.transform_layout(main, ("write", 0), lambda n, f, y, x: (n, y, x, f))
@@ -260,6 +256,6 @@ class Conv2dNCHW(base.CPURule):
             sch.reverse_compute_at(b, xo, preserve_unit_loops=True)
         sch.decompose_reduction(main, rc)
 
-        for b in info.pre:  # padding copies
+        for b in pre:  # padding copies
             base.parallel_vectorize_injective(sch, b, lanes, cores)
         return sch
