@@ -4,8 +4,9 @@ The Relax VM of TVM 0.27 has no per-kernel profiler, so this script stops the bu
 after scheduling (targets/build.py ``scheduled_module``), compiles each PrimFunc that
 ``main`` launches as a module of its own and times it on random inputs with TVM's
 time_evaluator. Kernels launched several times with the same PrimFunc are counted once
-per launch. Prints a markdown table, slowest first (with achieved GFLOP/s), with the sum against the end-to-end
-latency of the real artifact (the difference is VM overhead and cache effects).
+per launch. Prints a markdown table, slowest first, with each kernel's achieved GFLOP/s and
+the sum against the end-to-end latency of the real artifact (the difference is VM overhead
+and cache effects).
 
     TVM_NUM_THREADS=2 python benchmarks/profile_kernels.py mobilenet_v2 [--pipeline fold,fuse]
         [--fusion graph|tvm|none] [--batch 1] [--top 25]

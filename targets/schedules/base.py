@@ -243,6 +243,20 @@ def largest_divisor(n: int, limit: int, multiple_of: int = 1) -> int:
     return 0
 
 
+def register_tile(ext: int, lanes: int, narrowest: int) -> int:
+    """Widest of 2 vectors, 1 vector, or a power-of-two part of one (down to ``narrowest``
+    lanes) that divides ``ext``; 0 when none does.
+
+    Register tiles are whole registers or power-of-two parts: LLVM legalizes odd widths
+    such as <20 x float> or <24 x float> into zmm + ymm/xmm mixes with shuffles and spills."""
+    width = 2 * lanes
+    while width >= max(narrowest, 1):
+        if ext % width == 0:
+            return width
+        width //= 2
+    return 0
+
+
 def output_blocks(sch: s_tir.Schedule) -> set:
     root = sch.get_sblock("root")
     return {sch.get(b).name_hint for b in sch.get_output_blocks(root)}

@@ -82,9 +82,9 @@ def gemm_j_tile(n_ext: int, lanes: int, m_ext: int) -> int:
     layout.py packs constant weights in panels of exactly this width, so the two must
     agree (a panel of another width would make the tile's vector loads strided)."""
     if m_ext >= 2:
-        for ji in (2 * lanes, lanes, lanes // 2, lanes // 4):
-            if ji >= 1 and n_ext % ji == 0:
-                return ji
+        ji = base.register_tile(n_ext, lanes, lanes // 4)
+        if ji:
+            return ji
     ji = base.largest_divisor(n_ext, 2 * lanes, lanes) or base.largest_divisor(n_ext, 2 * lanes, 4)
     if ji == 0:
         ji = n_ext if n_ext <= 2 * lanes else base.largest_divisor(n_ext, 2 * lanes)
