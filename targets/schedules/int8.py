@@ -46,6 +46,7 @@ from tvm.s_tir import TensorIntrin
 from tvm.target import Target
 
 from . import base
+from .layout import constant_array
 
 # Output channels per weight block / per accumulator register (VNNI: 16 x int32 = 512 bit).
 BLOCK_F = 16
@@ -195,10 +196,7 @@ def _dtype(expr) -> str:
 
 
 def _constant(expr) -> np.ndarray | None:
-    if isinstance(expr, tvm.ir.expr.Constant):
-        value = getattr(expr, "value", None)
-        return (value if value is not None else expr.data).numpy()
-    return None
+    return constant_array(expr) if isinstance(expr, tvm.ir.expr.Constant) else None
 
 
 @mutator

@@ -34,7 +34,7 @@ _MATMUL = tvm.ir.Op.get("relax.matmul")
 _PERMUTE_DIMS = tvm.ir.Op.get("relax.permute_dims")
 
 
-def _constant_array(const) -> np.ndarray:
+def constant_array(const) -> np.ndarray:
     # TVM 0.27 renamed relax.Constant.data to ir.expr.Constant.value.
     value = getattr(const, "value", None)
     if value is None:
@@ -58,7 +58,7 @@ class _ConvWeightToHWIO(PyExprMutator):
             or not isinstance(weight, tvm.ir.expr.Constant)
         ):
             return call
-        w = _constant_array(weight)
+        w = constant_array(weight)
         w_hwio = relax.const(np.ascontiguousarray(w.transpose(2, 3, 1, 0)), str(w.dtype))
         return relax.op.nn.conv2d(
             call.args[0],
@@ -130,12 +130,12 @@ class _PackDenseWeights(PyExprMutator):
             bound = self.lookup_binding(expr)
             expr = bound if bound is not None else expr
         if isinstance(expr, tvm.ir.expr.Constant):
-            return _constant_array(expr)
+            return constant_array(expr)
         if (isinstance(expr, relax.Call) and expr.op.same_as(_PERMUTE_DIMS)
                 and isinstance(expr.args[0], tvm.ir.expr.Constant)):
             axes = expr.attrs.axes
             if axes is None or [int(a) for a in axes] == [1, 0]:
-                w = _constant_array(expr.args[0])
+                w = constant_array(expr.args[0])
                 return np.ascontiguousarray(w.T) if w.ndim == 2 else None
         return None
 
