@@ -41,12 +41,12 @@ import sys
 import numpy as np
 import tvm
 from tvm import relax, te, tirx
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.expr_functor import mutator
 from tvm.s_tir import TensorIntrin
 from tvm.target import Target
 
 from . import base
-from .layout import constant_array
+from .layout import FunctionRewriter, constant_array
 
 # Output channels per weight block / per accumulator register (VNNI: 16 x int32 = 512 bit).
 BLOCK_F = 16
@@ -200,18 +200,11 @@ def _constant(expr) -> np.ndarray | None:
 
 
 @mutator
-class _PackInt8(PyExprMutator):
+class _PackInt8(FunctionRewriter):
     def __init__(self, mod: tvm.IRModule, instruction: str):
         super().__init__(mod)
-        self.mod_ = mod
         self.instruction = instruction
         self.rewritten = 0
-
-    def transform(self) -> tvm.IRModule:
-        for gv, func in self.mod_.functions_items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return self.builder_.get()
 
     def visit_call_(self, call):  # noqa: N802 - PyExprMutator naming
         call = super().visit_call_(call)

@@ -42,6 +42,21 @@ def constant_array(const) -> np.ndarray:
     return value.numpy()
 
 
+class FunctionRewriter(PyExprMutator):
+    """Base of the compile-time rewrites here and in int8.py: visits every Relax function
+    of ``mod`` (subclasses decorate with ``@mutator`` and override ``visit_*``)."""
+
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.mod_ = mod
+
+    def transform(self) -> tvm.IRModule:
+        for gv, func in self.mod_.functions_items():
+            if isinstance(func, relax.Function):
+                self.builder_.update_func(gv, self.visit_expr(func))
+        return self.builder_.get()
+
+
 @mutator
 class _ConvWeightToHWIO(PyExprMutator):
     def visit_call_(self, call):  # noqa: N802 - PyExprMutator naming
@@ -94,17 +109,13 @@ def packed_dense_te(x: te.Tensor, panels: te.Tensor, n: int) -> te.Tensor:
 
 
 @mutator
-class _PackDenseWeights(PyExprMutator):
+class _PackDenseWeights(FunctionRewriter):
     def __init__(self, mod: tvm.IRModule, lanes: int):
         super().__init__(mod)
-        self.mod_ = mod
         self.lanes = lanes
 
     def transform(self) -> tvm.IRModule:
-        for gv, func in self.mod_.functions_items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gv, self.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(self.builder_.get())
+        return relax.transform.DeadCodeElimination()(super().transform())
 
     def visit_call_(self, call):  # noqa: N802 - PyExprMutator naming
         call = super().visit_call_(call)
