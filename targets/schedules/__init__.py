@@ -35,6 +35,7 @@ import tvm
 from tvm import relax, tirx
 
 from .base import is_scheduled, num_cores, simd_lanes
+from .blocked import block_depthwise_inputs
 from .conv2d import Conv2dNCHW
 from .depthwise import DepthwiseConv2dNCHW
 from .elementwise import Fallback, Injective
@@ -122,8 +123,11 @@ def cpu_layout_passes(target: tvm.target.Target) -> list:
       memory (resnet18: 24 -> 19 kernels, conv+BN+add+relu in one).
     * conv_weight_to_hwio: constant conv2d weights OIHW -> HWIO (see layout.py).
     * pack_dense_weights: constant dense weights [K, N] -> register-tile panels (layout.py).
+    * block_depthwise_inputs: a conv kernel hands the depthwise conv after it NCHW[L]c
+      (blocked.py).
     """
     if target is not None and tvm.target.Target(target).kind.name != "llvm":
         return []
     return [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
-            *int8_layout_passes(target), conv_weight_to_hwio, pack_dense_weights(simd_lanes(target))]
+            *int8_layout_passes(target), conv_weight_to_hwio, pack_dense_weights(simd_lanes(target)),
+            block_depthwise_inputs(simd_lanes(target))]

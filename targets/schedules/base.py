@@ -262,6 +262,24 @@ def output_blocks(sch: s_tir.Schedule) -> set:
     return {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
 
 
+def writes_channel_blocked(sch: s_tir.Schedule, post: list, lanes: int) -> bool:
+    """The function's output is NCHW[lanes]c: its last epilogue block writes a 5-D buffer
+    whose last axis is ``lanes`` wide (a layout_transform that blocked.py appended)."""
+    if not post:
+        return False
+    out = sch.get(post[-1]).writes[0].source
+    return len(out.shape) == 5 and const_int(out.shape[4]) == lanes
+
+
+def reads_channel_blocked(sch: s_tir.Schedule, pre: list, lanes: int) -> bool:
+    """The function's first prologue block unblocks an NCHW[lanes]c input (blocked.py)."""
+    if not pre:
+        return False
+    reads = sch.get(pre[0]).reads
+    return (len(reads) == 1 and len(reads[0].source.shape) == 5
+            and const_int(reads[0].source.shape[4]) == lanes)
+
+
 def inline_post(sch: s_tir.Schedule, post: list) -> list:
     """compute_inline every epilogue block that does not write a function output.
 

@@ -26,6 +26,10 @@ Design (the micro-kernel of oneDNN / TOPI's conv2d_NCHWc, without repacking acti
   the channel count be a multiple of the vector width (mobilenet's 24-channel layers
   went from 5 to 100 GFLOPS/core).
 
+* When the output goes to a depthwise conv as NCHW[lanes]c (blocked.py), the tile's
+  channel vectors are stored as they are (no transpose), so every conv, 1x1 included,
+  takes the channel-vectorized kernel.
+
 Register tiles are always whole registers (or a power-of-two part of one): LLVM turns
 odd vector widths like <24 x float> or <112 x float> into shuffle/spill-heavy code.
 
@@ -182,7 +186,10 @@ class Conv2dNCHW(base.CPURule):
 
         c_ext, kh, kw = (int(iv.dom.extent) for iv in block.iter_vars[4:])
         ivs = [v.var for v in block.iter_vars]
-        if (kh == kw == 1 and (y_ext * x_ext) % lanes == 0
+        # Output NCHW[lanes]c (blocked.py: a depthwise conv reads it): the tile's channel
+        # vectors are stored as they are, so this kernel beats the pixel-vectorized one.
+        blocked_out = base.writes_channel_blocked(sch, info.post, lanes)
+        if (not blocked_out and kh == kw == 1 and (y_ext * x_ext) % lanes == 0
                 and _unit_index(_data.indices[2], ivs[2], ivs[5])
                 and _unit_index(_data.indices[3], ivs[3], ivs[6])):
             done = _schedule_pointwise(sch, info, target, lanes, max_acc)
@@ -194,6 +201,8 @@ class Conv2dNCHW(base.CPURule):
             block = sch.get(main)
         # Output-channel tile: 2 vectors when possible (fewer input broadcasts per FMA).
         fi = _channel_tile(f_ext, lanes)
+        if blocked_out and fi % lanes:
+            return None  # a part-vector tile would not store whole blocks
         f_vecs = max(-(-fi // lanes), 1)  # ceil: a 24-wide tile is 16 + 8 lanes = 2 registers
         # Width tile: as many pixels as accumulator registers allow.
         rn = base.largest_divisor(x_ext, max(max_acc // f_vecs, 1)) or 1
@@ -238,7 +247,13 @@ class Conv2dNCHW(base.CPURule):
         left = base.fuse_epilogue(sch, wb, post)
         # Write-back loops: channel outer, width inner -> contiguous NCHW stores.
         wb_loops = sch.get_loops(wb)[2:]
-        if len(wb_loops) == 4:
+        if blocked_out and len(wb_loops) == 4:
+            # Pixel outer, channels inner: each vector of the tile is one contiguous store.
+            wn, wf, wy, wx = wb_loops
+            sch.reorder(wn, wy, wx, wf)
+            _, wv = sch.split(wf, [None, lanes])
+            sch.vectorize(wv)
+        elif len(wb_loops) == 4:
             wn, wf, wy, wx = wb_loops
             sch.reorder(wn, wy, wf, wx)
             # Vector over the pixel axis: a strided gather from the L1-resident

@@ -18,6 +18,11 @@ packed as NCHW[16]c, the weight is repacked to (ry, rx, c) once per call, the re
 tile is 16 channels x up to 8 pixels of one row (one vector load + one FMA per tap and
 pixel), and the write-back transposes back to NCHW vectorized over pixels, carrying the
 epilogue.  mobilenet_v2, 1 thread: its 13 short/strided depthwise layers ~2.1 -> ~1.3 ms.
+
+When the conv before it writes NCHW[16]c (blocked.py), the channel-blocked kernel reads
+that directly: the unblocking copy is inlined into the padding copy, which then moves
+whole vectors and runs under the parallel loop, packing the input rows of a few output
+rows per task (``_rows_per_task``): no pass over memory besides the conv itself.
 """
 
 from __future__ import annotations
@@ -74,6 +79,25 @@ def _is_strided(data) -> bool:
     return any(isinstance(idx, tirx.Add) and isinstance(idx.a, tirx.Mul) for idx in data.indices[2:])
 
 
+def _rows_per_task(y_ext: int, stride: int, taps: int, row_bytes: int, budget: int = 16 << 10) -> int:
+    """Output rows per parallel task when the input rows each task reads are packed under
+    the task (blocked input): as many as keep the packed rows within ``budget`` bytes
+    (half of L1).  More rows share more input rows (a stride-1 3x3 conv packs R + 2 rows
+    for R output rows), but a pack that spills L1 cost more than it saved: 96x112x112/2
+    took 0.14 ms with 1 row per task and 0.23 ms with 4."""
+    best = 1
+    for r in range(1, y_ext + 1):
+        if y_ext % r == 0 and ((r - 1) * stride + taps) * row_bytes <= budget:
+            best = r
+    return best
+
+
+def _row_stride(data) -> int:
+    """The stride of the data load's row index ``y * stride + ry``."""
+    idx = data.indices[2]
+    return int(idx.a.b) if isinstance(idx, tirx.Add) and isinstance(idx.a, tirx.Mul) else 1
+
+
 def _read_index(block, buf) -> int:
     return next(i for i, r in enumerate(block.reads) if r.source.same_as(buf))
 
@@ -87,9 +111,13 @@ def _schedule_channel_blocked(sch, info: base.FuncInfo, target: Target, data, we
     tx = base.largest_divisor(x_ext, 8) or 1
     post = base.inline_post(sch, info.post)
     # Packed input: the padding copy (or a new copy) writes (n, c//vec, y, x, c%vec).
+    # An input that arrives blocked (blocked.py) is unblocked by a plain copy first:
+    # inlined, the padding copy reads whole channel vectors instead of gathering them.
+    blocked_in = base.reads_channel_blocked(sch, info.pre, vec)
+    pre = base.inline_plain_copies(sch, info.pre) if blocked_in else info.pre
     w_idx = _read_index(block, weight.source)
     d_idx = _read_index(block, data.source)
-    pad = info.pre[0] if len(info.pre) == 1 else None
+    pad = pre[0] if len(pre) == 1 else None
     if pad is None or not sch.get(pad).writes[0].source.same_as(data.source):
         pad = sch.cache_read(main, d_idx, "global")
     sch.transform_layout(pad, ("write", 0), lambda n, c, y, x: (n, c // vec, y, x, c % vec))
@@ -100,16 +128,21 @@ def _schedule_channel_blocked(sch, info: base.FuncInfo, target: Target, data, we
     n, f, y, x, rc, ry, rx = sch.get_loops(main)
     fo, fv = sch.split(f, [None, vec])
     xo, xi = sch.split(x, [None, tx])
-    sch.reorder(n, fo, y, xo, rc, ry, rx, xi, fv)
-    outer = sch.fuse(n, fo, y)
+    rows = 1
+    if blocked_in and pad is not None:
+        rows = _rows_per_task(y_ext, _row_stride(data), int(block.iter_vars[5].dom.extent),
+                              row_bytes=int(sch.get(pad).writes[0].source.shape[3]) * vec * 4)
+    yo, yi = sch.split(y, [None, rows])
+    sch.reorder(n, fo, yo, yi, xo, rc, ry, rx, xi, fv)
+    outer = sch.fuse(n, fo, yo)
     if cores > 1:
         sch.parallel(outer)
     sch.unroll(xi)
     sch.vectorize(fv)
     sch.reverse_compute_at(wb, xo, preserve_unit_loops=True)
     left = base.fuse_epilogue(sch, wb, post)
-    wb_loops = sch.get_loops(wb)[2:]
-    if len(wb_loops) == 4:
+    wb_loops = sch.get_loops(wb)[-4:]  # below (outer, yi, xo): the tile's (n, f, y, x)
+    if len(sch.get_loops(wb)) == 7:
         wn, wf, wy, wx = wb_loops
         # Channel outer, pixels inner: contiguous NCHW stores and a vectorized epilogue
         # (a strided read from the register tile).  Left scalar, this transposing
@@ -120,13 +153,15 @@ def _schedule_channel_blocked(sch, info: base.FuncInfo, target: Target, data, we
         sch.reverse_compute_at(b, xo, preserve_unit_loops=True)
     sch.decompose_reduction(main, rc)
     pl = sch.get_loops(pad)
-    if len(pl) == 4 and _is_strided(data):
+    if len(pl) == 4 and (_is_strided(data) or blocked_in):
         # Strided conv: pack the input rows each output row reads right before it, under
         # the parallel row loop, instead of in a pass over the whole input. The rows stay
         # in L1 instead of making a round trip through memory as a packed copy as big as
         # the input (mobilenet_v2's 96x112x112 stride-2 layer, batch 8: 5.9 -> 2.6 ms).
         # Consecutive output rows share one input row: 1.5x the packing work at stride 2,
-        # which is why stride-1 convs (3x) keep the separate pass.
+        # which is why stride-1 convs (3x) keep the separate pass -- unless the input
+        # arrives blocked: then packing is a copy of whole vectors, each task packs the
+        # rows of several output rows (_rows_per_task), and no pass over memory is left.
         sch.compute_at(pad, outer)
         c_in, rows, xs = sch.get_loops(pad)[-3:]
         sch.reorder(rows, xs, c_in)
@@ -154,8 +189,9 @@ class DepthwiseConv2dNCHW(base.CPURule):
         if m is None:
             return None
         sch = info.sch
-        if _use_channel_blocked(sch.get(info.main), m[0], target):
-            lanes = base.simd_lanes(target, sch.get(info.main).body.buffer.dtype.bits)
+        lanes = base.simd_lanes(target, sch.get(info.main).body.buffer.dtype.bits)
+        if (_use_channel_blocked(sch.get(info.main), m[0], target)
+                or base.reads_channel_blocked(sch, info.pre, lanes)):
             try:
                 return _schedule_channel_blocked(sch, info, target, m[0], m[1], lanes)
             except Exception:  # noqa: BLE001 - unexpected structure: the width kernel below

@@ -1,0 +1,123 @@
+"""A conv kernel hands the depthwise conv after it NCHW[L]c (targets/schedules/blocked.py).
+
+Specification: in ``main`` the tensor between the two kernels becomes 5-D with the SIMD
+width innermost, only for that pair and only where it pays (strided or short rows); the
+producer's schedule stores whole channel vectors, the depthwise one packs its rows from
+whole vectors under its parallel loop (no unblocking copy of the input); the compiled
+model matches eager PyTorch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+tvm = pytest.importorskip("tvm")
+
+import graphopt  # noqa: E402
+from graphopt.targets.build import fusion_mode, scheduled_module, tir_calls  # noqa: E402
+from graphopt.targets.lower import lower_to_relax  # noqa: E402
+from graphopt.targets.registry import resolve_target  # noqa: E402
+from graphopt.targets.schedules import simd_lanes  # noqa: E402
+
+SPEC = resolve_target("x86")
+LANES = simd_lanes(SPEC.tvm_target())
+
+
+class InvertedResidual(nn.Module):
+    """mobilenet_v2's block: expand 1x1 -> depthwise 3x3 -> project 1x1 (+ residual)."""
+
+    def __init__(self, c_in: int, hidden: int, stride: int, residual: bool = False):
+        super().__init__()
+        self.residual = residual
+        self.expand = nn.Sequential(nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6())
+        self.depthwise = nn.Sequential(nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+                                       nn.BatchNorm2d(hidden), nn.ReLU6())
+        self.project = nn.Conv2d(hidden, c_in, 1)
+
+    def forward(self, x):
+        y = self.project(self.depthwise(self.expand(x)))
+        return x + y if self.residual else y
+
+
+def _model(c_in, hidden, stride, residual=False):
+    torch.manual_seed(0)
+    m = InvertedResidual(c_in, hidden, stride, residual).eval()
+    for bn in (mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def _scheduled(m, x):
+    g = graphopt.optimize(m, (x,), "fold,fuse")
+    return scheduled_module(lower_to_relax(g), SPEC, fusion=fusion_mode(g, None))
+
+
+def _shapes_between_kernels(mod):
+    return [[int(d) for d in var.ty.shape.values] for _, var in tir_calls(mod)]
+
+
+@pytest.mark.parametrize("hidden, size, stride", [
+    (2 * LANES, 28, 2),   # strided rows
+    (4 * LANES, 7, 1),    # rows shorter than two vectors
+])
+def test_depthwise_input_arrives_channel_blocked(hidden, size, stride):
+    m, x = _model(8, hidden, stride), torch.randn(1, 8, size, size)
+    mod = _scheduled(m, x)
+    shapes = _shapes_between_kernels(mod)
+    # expand writes NCHW[L]c; depthwise and project outputs stay NCHW
+    assert shapes[0] == [1, hidden // LANES, size, size, LANES], shapes
+    assert all(len(s) == 4 for s in shapes[1:]), shapes
+
+    (expand_name, _), (dw_name, _) = tir_calls(mod)[:2]
+    expand, dw = mod[expand_name].script(), mod[dw_name].script()
+    # expand: the write-back stores channel vectors straight into the 5-D output
+    store = next(ln for ln in expand.splitlines() if ln.strip().startswith("T.writes(") and "layout_transform" in ln)
+    assert f"% T.int64({LANES})]" in store, store
+    # depthwise: the only input-sized buffer is the packed one; rows packed per task
+    assert "te_layout_transform_intermediate = T.sblock_alloc_buffer" not in dw
+    pad_line = next(ln for ln in dw.splitlines() if "pad_temp = T.sblock_alloc_buffer" in ln)
+    assert pad_line.count("T.int64(") == 5, pad_line
+    packed_under_parallel = dw.index("T.parallel") < dw.index('T.sblock("pad_temp")')
+    assert packed_under_parallel
+
+    got = graphopt.compile(m, "x86", (x,))(x)
+    torch.testing.assert_close(got, m(x), rtol=1e-4, atol=1e-4)
+
+
+def test_wide_stride_one_rows_and_shared_tensors_stay_nchw():
+    # wide stride-1 rows: the width-vectorized depthwise kernel needs no pack
+    wide = _model(8, 2 * LANES, 1)
+    x = torch.randn(1, 8, 64, 64)
+    assert all(len(s) == 4 for s in _shapes_between_kernels(_scheduled(wide, x)))
+
+    class TwoReaders(nn.Module):
+        """The expand output also feeds a second op: its layout must not change."""
+
+        def __init__(self):
+            super().__init__()
+            self.block = _model(8, 2 * LANES, 2)
+
+        def forward(self, x):
+            hidden = self.block.expand(x)
+            return self.block.project(self.block.depthwise(hidden)), hidden.mean()
+
+    m, x = TwoReaders().eval(), torch.randn(1, 8, 28, 28)
+    assert all(len(s) == 4 for s in _shapes_between_kernels(_scheduled(m, x)) if s)
+    got = graphopt.compile(m, "x86", (x,))(x)
+    for g, r in zip(got, m(x)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_blocked_layout_with_residual_block_matches_eager_at_batch_3():
+    m, x = _model(LANES, 4 * LANES, 2), torch.randn(3, LANES, 14, 14)
+    got = graphopt.compile(m, "x86", (x,))(x)
+    torch.testing.assert_close(got, m(x), rtol=1e-4, atol=1e-4)
+    m, x = _model(LANES, 4 * LANES, 1, residual=True), torch.randn(3, LANES, 14, 14)
+    got = graphopt.compile(m, "x86", (x,))(x)
+    torch.testing.assert_close(got, m(x), rtol=1e-4, atol=1e-4)
