@@ -177,12 +177,17 @@ class _Tuner:
         store = TuningStore(self.tune.db, self.spec.to_json())
         log = self.log
         log.__init__(database=store.path, tasks=len(tasks))  # reset: one Tune may serve several compiles
-        log.records_loaded = store.load(self.database)
         if not tasks:
+            log.records_loaded = store.load(self.database)
             return
         share = math.ceil(self.tune.trials / len(tasks)) if self.tune.trials else 0
-        counts = self._record_counts(tasks)
         done = store.done_tasks()
+        hashes = {_shash(t) for t in tasks}
+        # Nothing to tune (every task finished with this budget or more): the best record of
+        # each task is all that will be applied, so only those are read.
+        reuse_only = all(done.get(h, -1) >= share for h in hashes) or share == 0
+        log.records_loaded = store.load(self.database, workloads=hashes, best_only=reuse_only)
+        counts = self._record_counts(tasks)
         todo = [i for i, t in enumerate(tasks)
                 if counts[i] < share and done.get(_shash(t), -1) < share]
         log.tasks_done_before = len(tasks) - len(todo)

@@ -113,28 +113,41 @@ class TuningStore:
             good_bytes += len(raw) + 1
         return parsed
 
-    def load(self, database: Any) -> int:
-        """Commit every stored workload and record into ``database`` (a MetaSchedule Database);
-        returns the number of records loaded."""
+    def load(self, database: Any, workloads: set[int] | None = None, best_only: bool = False) -> int:
+        """Commit stored workloads and records into ``database`` (a MetaSchedule Database);
+        returns the number of records loaded.
+
+        ``workloads`` (structural hashes) limits that to the workloads a compile has, and
+        ``best_only`` to the fastest record of each: what a compile that tunes nothing
+        applies. Parsing a record's trace is the slow part (~7 ms each): a second compile of
+        mobilenet_v2 from a 532-record database spent 4.3 s loading them all."""
         from tvm.s_tir.meta_schedule.database import TuningRecord, Workload
 
         with self.locked():
-            workloads = self._read_lines(self.workload_file)
+            workload_lines = self._read_lines(self.workload_file)
             records = self._read_lines(self.record_file)
-        self._lines = []
-        in_memory = []
-        for line in workloads:
+        self._lines = [(str(line[0]), json.dumps(line[1])) for line in workload_lines]
+        for index, _body in records:
+            if not 0 <= index < len(workload_lines):
+                raise TuningError(f"tuning database {self.record_file}: a record names workload line "
+                                  f"{index}, the workload file has {len(workload_lines)}")
+        wanted = [workloads is None or int(line[0]) in workloads for line in workload_lines]
+        records = [r for r in records if wanted[r[0]]]
+        if best_only:
+            best: dict[int, Any] = {}
+            for r in records:
+                if r[0] not in best or _mean_seconds(r[1]) < _mean_seconds(best[r[0]][1]):
+                    best[r[0]] = r
+            records = list(best.values())
+        in_memory: dict[int, Any] = {}
+        for i, line in enumerate(workload_lines):
+            if not wanted[i]:
+                continue
             try:
-                wl = database.commit_workload(Workload.from_json(line).mod)
+                in_memory[i] = database.commit_workload(Workload.from_json(line).mod)
             except Exception as e:  # TVM raises its own error types for malformed JSON
                 raise TuningError(f"tuning database {self.workload_file}: unreadable workload ({e})") from e
-            self._lines.append((str(line[0]), json.dumps(line[1])))
-            in_memory.append(wl)
-        for line in records:
-            index, body = line
-            if not 0 <= index < len(in_memory):
-                raise TuningError(f"tuning database {self.record_file}: a record names workload line "
-                                  f"{index}, the workload file has {len(in_memory)}")
+        for index, body in records:
             database.commit_tuning_record(TuningRecord.from_json(body, in_memory[index]))
         return len(records)
 
@@ -196,6 +209,14 @@ class TuningStore:
         if shashes:
             with self.locked():
                 _append_line(os.path.join(self.path, DONE_FILE), "\n".join(json.dumps([h, share]) for h in shashes))
+
+
+def _mean_seconds(record_body: Any) -> float:
+    """Mean measured run time of a stored record (a failed measurement has none: infinite)."""
+    run_secs = record_body[1] if len(record_body) > 1 else None
+    if not run_secs:
+        return float("inf")
+    return sum(float(t) for t in run_secs) / len(run_secs)
 
 
 def _record_json(record: Any) -> Any:

@@ -83,7 +83,8 @@ def test_second_compile_measures_nothing(tuned):
     module = graphopt.compile(model, "x86", (x,), tune=tune)
     assert tune.log.measured == 0
     assert tune.log.tasks_done_before == tune.log.tasks == 1
-    assert tune.log.records_loaded == len(before)
+    # nothing to tune: only the best record of each task is read (the one that is applied)
+    assert len(before) > 1 and tune.log.records_loaded == tune.log.tasks
     assert record_lines(db) == before
     torch.testing.assert_close(module(x), first(x), rtol=0, atol=0)
 
