@@ -23,20 +23,15 @@ The tensor between the two kernels changes layout; nothing else in the graph doe
 
 from __future__ import annotations
 
+from collections import Counter
+
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from .layout import static_shape
+
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
-
-
-def _static_shape(sinfo) -> list[int] | None:
-    shape = getattr(sinfo, "shape", None)
-    if shape is None or not isinstance(shape, relax.ShapeExpr):
-        return None
-    if not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
-        return None
-    return [int(d) for d in shape.values]
 
 
 def _first_call(func: relax.Function):
@@ -55,28 +50,27 @@ def _reads_blocked_input(func: relax.Function, lanes: int) -> bool:
     call = _first_call(func)
     if call is None or not call.op.same_as(_CONV2D) or not call.args[0].same_as(func.params[0]):
         return False
-    shape = _static_shape(func.params[0].ty)
+    shape, weight_shape = static_shape(func.params[0].ty), static_shape(call.args[1].ty)
     attrs = call.attrs
     if not (shape is not None and len(shape) == 4 and str(func.params[0].ty.dtype) == "float32"
             and str(attrs.data_layout) == "NCHW" and str(attrs.out_layout) == "NCHW"
             and int(attrs.groups) == shape[1] and shape[1] % lanes == 0
-            and _static_shape(call.args[1].ty)[0] == shape[1]):
+            and weight_shape is not None and weight_shape[0] == shape[1]):
         return False
     # Wide stride-1 rows stay NCHW: their width-vectorized kernel needs no pack at all and
     # beat the blocked one (mobilenet_v2, 2 threads: 32x112x112 0.12 vs 0.15 ms,
     # 144x56x56 0.12 vs 0.14 ms); strided or short rows gain (96x112x112/2 0.29 -> 0.14,
     # 960x7x7 0.037 -> 0.019, 192x28x28 0.063 -> 0.050).
-    out_width = _static_shape(call.ty)[3]
+    out_width = static_shape(call.ty)[3]
     return any(int(s) > 1 for s in attrs.strides) or out_width < 2 * lanes
 
 
 def _writes_conv_output(func: relax.Function) -> bool:
     """A kernel that computes a dense conv2d and returns one static NCHW float32 tensor."""
-    call = _first_call(func)
-    ret = func.ret_ty
+    call, shape = _first_call(func), static_shape(func.ret_ty)
     return (call is not None and call.op.same_as(_CONV2D) and int(call.attrs.groups) == 1
-            and str(call.args[0].ty.dtype) == "float32" and isinstance(ret, relax.TensorType) and str(ret.dtype) == "float32"
-            and _static_shape(ret) is not None and len(_static_shape(ret)) == 4)
+            and str(call.args[0].ty.dtype) == "float32" and str(func.ret_ty.dtype) == "float32"
+            and shape is not None and len(shape) == 4)
 
 
 def _blocked_type(shape: list[int], lanes: int, dtype: str) -> relax.TensorType:
@@ -90,7 +84,7 @@ def _typed(expr):
 
 
 def _with_blocked_output(func: relax.Function, lanes: int) -> relax.Function:
-    shape = _static_shape(func.ret_ty)
+    shape = static_shape(func.ret_ty)
     out = relax.Var("blocked", _blocked_type(shape, lanes, "float32"))
     to_blocked = _typed(relax.op.layout_transform(func.body.body,
                                                   lambda n, c, h, w: (n, c // lanes, h, w, c % lanes)))
@@ -100,7 +94,7 @@ def _with_blocked_output(func: relax.Function, lanes: int) -> relax.Function:
 
 def _with_blocked_input(func: relax.Function, lanes: int) -> relax.Function:
     old = func.params[0]
-    param = relax.Var(old.name, _blocked_type(_static_shape(old.ty), lanes, "float32"))
+    param = relax.Var(old.name, _blocked_type(static_shape(old.ty), lanes, "float32"))
     # The old parameter becomes a variable bound to the unblocked input: the body is unchanged.
     to_nchw = _typed(relax.op.layout_transform(param, lambda n, co, h, w, ci: (n, co * lanes + ci, h, w)))
     body = _typed(relax.SeqExpr([relax.BindingBlock([relax.VarBinding(old, to_nchw)]), *func.body.blocks],
@@ -108,15 +102,10 @@ def _with_blocked_input(func: relax.Function, lanes: int) -> relax.Function:
     return relax.Function([param], body, func.ret_ty, func.is_pure, func.attrs)
 
 
-def _uses(main: relax.Function) -> dict:
-    count: dict = {}
-    for block in main.body.blocks:
-        for binding in block.bindings:
-            for var in relax.analysis.free_vars(binding.value):
-                count[var] = count.get(var, 0) + 1
-    for var in relax.analysis.free_vars(main.body.body):
-        count[var] = count.get(var, 0) + 1
-    return count
+def _uses(main: relax.Function) -> Counter:
+    """How many bindings (and the function's result) read each variable of ``main``."""
+    values = [b.value for block in main.body.blocks for b in block.bindings] + [main.body.body]
+    return Counter(var for value in values for var in relax.analysis.free_vars(value))
 
 
 @mutator
@@ -141,9 +130,7 @@ def _pairs(mod: tvm.IRModule, main: relax.Function, lanes: int) -> list:
     calls = [b for block in main.body.blocks for b in block.bindings
              if isinstance(b.value, relax.Call) and isinstance(b.value.op, relax.GlobalVar)]
     # A kernel function called more than once would change for every caller: not those.
-    times_called: dict = {}
-    for b in calls:
-        times_called[b.value.op] = times_called.get(b.value.op, 0) + 1
+    times_called = Counter(b.value.op for b in calls)
     producer_of = {b.var: b.value.op for b in calls}
     pairs = []
     for b in calls:

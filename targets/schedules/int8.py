@@ -46,7 +46,7 @@ from tvm.s_tir import TensorIntrin
 from tvm.target import Target
 
 from . import base
-from .layout import FunctionRewriter, constant_array
+from .layout import FunctionRewriter, constant_array, static_shape
 
 # Output channels per weight block / per accumulator register (VNNI: 16 x int32 = 512 bit).
 BLOCK_F = 16
@@ -181,16 +181,6 @@ def dense_te(x, wp, corr, *, channels, instruction):
 # ------------------------------------------------------------------ the Relax rewrite
 
 
-def _static_int_shape(expr) -> list[int] | None:
-    sinfo = expr.ty  # TVM 0.27: struct_info became ``ty`` (relax.TensorType)
-    if not isinstance(sinfo, relax.TensorType) or sinfo.shape is None:
-        return None
-    try:
-        return [int(d) for d in sinfo.shape.values]
-    except (TypeError, AttributeError):
-        return None
-
-
 def _dtype(expr) -> str:
     return str(expr.ty.dtype)
 
@@ -223,7 +213,7 @@ class _PackInt8(FunctionRewriter):
         if str(call.attrs.out_dtype) != "int32" or _dtype(x) != "int8":
             return None
         weight = _constant(w)
-        if weight is None or str(weight.dtype) != "int8" or _static_int_shape(x) is None:
+        if weight is None or str(weight.dtype) != "int8" or static_shape(x.ty) is None:
             return None
         return x, weight
 
@@ -250,7 +240,7 @@ class _PackInt8(FunctionRewriter):
         if ops is None:
             return None
         x, w = ops
-        if w.ndim != 2 or len(_static_int_shape(x)) < 2:
+        if w.ndim != 2 or len(static_shape(x.ty)) < 2:
             return None  # batched constant weights do not occur; keep the generic path
         w_fk = np.ascontiguousarray(w.T)  # matmul's weight is [K, F]
         return self.builder_.call_te(

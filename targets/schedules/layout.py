@@ -42,6 +42,15 @@ def constant_array(const) -> np.ndarray:
     return value.numpy()
 
 
+def static_shape(ty) -> list[int] | None:
+    """The dimensions of a Relax tensor type when all are constants; None for a symbolic
+    dimension, an unknown shape or a non-tensor."""
+    shape = getattr(ty, "shape", None) if isinstance(ty, relax.TensorType) else None
+    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
+        return None
+    return [int(d) for d in shape.values]
+
+
 class FunctionRewriter(PyExprMutator):
     """Base of the compile-time rewrites here and in int8.py: visits every Relax function
     of ``mod`` (subclasses decorate with ``@mutator`` and override ``visit_*``)."""
