@@ -182,14 +182,13 @@ class _Tuner:
             return
         share = math.ceil(self.tune.trials / len(tasks)) if self.tune.trials else 0
         done = store.done_tasks()
-        hashes = {_shash(t) for t in tasks}
+        hashes = [_shash(t) for t in tasks]
         # Nothing to tune (every task finished with this budget or more): the best record of
         # each task is all that will be applied, so only those are read.
         reuse_only = all(done.get(h, -1) >= share for h in hashes) or share == 0
-        log.records_loaded = store.load(self.database, workloads=hashes, best_only=reuse_only)
+        log.records_loaded = store.load(self.database, workloads=set(hashes), best_only=reuse_only)
         counts = self._record_counts(tasks)
-        todo = [i for i, t in enumerate(tasks)
-                if counts[i] < share and done.get(_shash(t), -1) < share]
+        todo = [i for i, h in enumerate(hashes) if counts[i] < share and done.get(h, -1) < share]
         log.tasks_done_before = len(tasks) - len(todo)
         if todo:
             builder, runner = remote.builder_for(self.spec, self.tune.rpc), remote.runner_for(self.spec, self.tune.rpc)
@@ -204,7 +203,7 @@ class _Tuner:
                     self._search([tasks[i] for i in remaining], remaining.values(), builder, runner, progress)
             finally:
                 progress.close()
-            store.mark_done([_shash(tasks[i]) for i in todo], share)
+            store.mark_done([hashes[i] for i in todo], share)
         log.best_ms = estimate_ms(self.database, tasks)
         log.tuning_s = time.perf_counter() - started
 
