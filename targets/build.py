@@ -36,7 +36,10 @@ def _cpu_schedule_passes(target: tvm.target.Target) -> tuple[list, list]:
         from graphopt.targets.schedules import cpu_layout_passes, cpu_schedule_pass
     except ImportError:  # the schedule rules are optional while they are being written
         return [], []
-    return list(cpu_layout_passes(target)), [cpu_schedule_pass(target)]
+    # Weights a schedule reads in a packed order (conv2d.py) come with a copy marked as a
+    # layout-rewrite preprocess: split it out of the kernel and run it on the constant.
+    return list(cpu_layout_passes(target)), [cpu_schedule_pass(target), relax.transform.SplitLayoutRewritePreproc(),
+                                             relax.transform.FoldConstant()]
 
 
 def _gpu_schedule_passes() -> list:
