@@ -44,6 +44,7 @@ from .layout import conv_weight_to_hwio, pack_dense_weights
 from .matmul import Matmul
 from .pooling import Pooling
 from .reduction import RowReduction
+from .winograd import WinogradConv2d, winograd_convs
 
 __all__ = [
     "RULES",
@@ -58,6 +59,7 @@ _log = logging.getLogger(__name__)
 
 RULES = [
     Int8DotProduct(),
+    WinogradConv2d(),
     Conv2dNCHW(),
     DepthwiseConv2dNCHW(),
     Matmul(),
@@ -129,5 +131,10 @@ def cpu_layout_passes(target: tvm.target.Target) -> list:
     if target is not None and tvm.target.Target(target).kind.name != "llvm":
         return []
     return [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
-            *int8_layout_passes(target), conv_weight_to_hwio, pack_dense_weights(simd_lanes(target)),
+            *int8_layout_passes(target), *_winograd(target), conv_weight_to_hwio, pack_dense_weights(simd_lanes(target)),
             block_depthwise_inputs(simd_lanes(target))]
+
+
+def _winograd(target):
+    import os
+    return [] if os.environ.get("GRAPHOPT_WINOGRAD") == "0" else [winograd_convs(simd_lanes(target))]

@@ -52,6 +52,10 @@ def schedule_window_reduction(sch, info: base.FuncInfo, target: Target):
     exts = [int(iv.dom.extent) for iv in block.iter_vars]
     lanes = base.simd_lanes(target, block.body.buffer.dtype.bits)
     cores = base.num_cores(target)
+    if kinds == "SSSSRR" and exts[2] > 1 and exts[3] > 1:
+        done = _schedule_planar_window(sch, info, exts, lanes, cores)
+        if done is not None:
+            return done
     loops = sch.get_loops(main)
     spatial, reduce = loops[:n_s], loops[n_s:]
     # Vector axis: innermost spatial axis with extent > 1.
@@ -91,4 +95,50 @@ def schedule_window_reduction(sch, info: base.FuncInfo, target: Target):
             base.parallel_vectorize_injective(sch, b, lanes, cores)
     for b in info.pre:
         base.parallel_vectorize_injective(sch, b, lanes, cores)
+    return sch
+
+
+def _row_vector(width: int, lanes: int) -> tuple[int, int] | None:
+    """(vector width, vectors per row tile): whole registers (16, 8 or 4 lanes) that
+    divide the output row, at most 8 of them in flight."""
+    for vec in (lanes, lanes // 2, lanes // 4):
+        if vec >= 4 and width % vec == 0:
+            return vec, base.largest_divisor(width // vec, 8)
+    return None
+
+
+def _schedule_planar_window(sch, info: base.FuncInfo, exts, lanes: int, cores: int):
+    """A windowed pool over NCHW planes (resnet's 3x3/2 max pool): one task per plane.
+
+    The padding copy runs per plane under the parallel loop, so the padded plane is
+    still in L1/L2 when the window reads it (as a separate pass it cost as much as the
+    pool: two extra trips over a 3 MB tensor).  The output row tile accumulates in
+    registers, whole vectors at a time, and is stored once."""
+    plan = _row_vector(exts[3], lanes)
+    if plan is None or len(info.pre) > 1 or exts[0] * exts[1] < 2 * cores:
+        return None
+    vec, unroll = plan
+    main = info.main
+    post = base.inline_post(sch, info.post)
+    acc = sch.cache_write(main, 0, "local")
+    n, c, y, x, ry, rx = sch.get_loops(main)
+    xo, xu, xv = sch.split(x, [None, unroll, vec])
+    sch.reorder(n, c, y, xo, ry, rx, xu, xv)
+    plane = sch.fuse(n, c)
+    if cores > 1:
+        sch.parallel(plane)
+    sch.unroll(xu)
+    sch.vectorize(xv)
+    sch.reverse_compute_at(acc, xo, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    for b in post:
+        sch.reverse_compute_at(b, xo, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(b)[-1])
+    init = sch.decompose_reduction(main, ry)
+    sch.vectorize(sch.get_loops(init)[-1])
+    for b in info.pre:
+        sch.compute_at(b, plane, preserve_unit_loops=True)
+        lps = sch.get_loops(b)
+        # The copy's rows are the padded width (e.g. 114): vectorize its divisor.
+        sch.vectorize(lps[-1])
     return sch

@@ -1,0 +1,308 @@
+"""3x3 stride-1 convolutions by Winograd's minimal filtering, F(4x4, 3x3).
+
+A direct 3x3 conv spends 9 multiply-adds per input channel on every output pixel.  Winograd
+(Lavin & Gray, 2016) computes a 4x4 output tile from a 6x6 input tile with 36 products per
+channel instead of 144: four times less arithmetic in the part that dominates, the channel
+reduction, which becomes 36 independent GEMMs.  The price is two transforms (input tiles
+in, output tiles out) and a weight four times larger (6x6 instead of 3x3 per channel pair),
+transformed here in numpy at compile time.
+
+Stages of the kernel (one PrimFunc; the conv's fused epilogue follows the last):
+
+  winograd_pad        x [N, C, H, W] -> zero-padded NHWC [N, 4*TH + 2, 4*TW + 2, C]
+  winograd_data_pack  V[e1, e2, p, c] = sum_{a,b} B[a, e1] B[b, e2] pad[tile p + (a, b), c]
+  winograd_bgemm      M[e1, e2, p, k] = sum_c V[e1, e2, p, c] U[e1, e2, c, k]
+  winograd_inverse    Y[n, k, y, x]   = sum_{a,b} A[a, y % 4] A[b, x % 4] M[a, b, tile(y, x), k]
+
+Channels are the fastest axis of every intermediate, so each stage is vectorized over c or
+k with contiguous loads; the pad stage pays the one NCHW -> NHWC transpose.
+
+When it pays (``worth_winograd``): the GEMMs must have enough tiles per weight matrix.  At
+batch 1 resnet18's 14x14 and 7x7 layers have 16 and 4 tiles, and their transformed weights
+(9.4 and 37.7 MB) would have to stream from memory for very little arithmetic: those stay
+direct.  Accuracy: F(4x4, 3x3) with TVM's interpolation points (0, +-1, 1/2, -2) rounds
+about ten times more than the direct sum (max error 1.4e-5 against 1e-6 on a 64-channel
+layer with outputs of magnitude 6), well inside the fp32 tolerance (docs/TOLERANCES.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax, te, tirx
+from tvm.relax.expr_functor import mutator
+from tvm.target import Target
+from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points, const_matrix
+
+from . import base
+from .layout import FunctionRewriter, constant_array, static_shape
+
+TILE = 4  # output tile m of F(m x m, 3 x 3)
+ALPHA = TILE + 2
+# The smallest number of tiles (GEMM rows) per weight matrix for which Winograd beats the
+# direct kernel (measured on resnet18: 49 tiles win, 16 lose).
+MIN_TILES = 48
+
+_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+
+
+def transform_matrices() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A [6, 4], B [6, 6], G [6, 3]) of F(4x4, 3x3): Y = A^T [(G g G^T) * (B^T d B)] A."""
+    a, b, g = _cook_toom_convolution(_interpolation_points(TILE + 1), TILE, 3)
+    return a.astype(np.float64), b.astype(np.float64), g.astype(np.float64)
+
+
+def transform_weight(w: np.ndarray) -> np.ndarray:
+    """OIHW 3x3 weight -> U[e1, e2, C, K] = G w G^T, computed in float64."""
+    _, _, g = transform_matrices()
+    return np.einsum("ia,kcab,jb->ijck", g, w.astype(np.float64), g).astype(w.dtype)
+
+
+def tiles(shape: list[int]) -> int:
+    n, _, h, w = shape
+    return n * -(-h // TILE) * -(-w // TILE)
+
+
+def worth_winograd(x_shape: list[int], channels_out: int, lanes: int) -> bool:
+    return (len(x_shape) == 4 and tiles(x_shape) >= MIN_TILES and x_shape[1] >= lanes
+            and channels_out % lanes == 0)
+
+
+def winograd_conv2d_te(x: te.Tensor, u: te.Tensor) -> te.Tensor:
+    """3x3 stride-1 pad-1 conv of NCHW ``x`` with the transformed weight ``u`` (module doc).
+
+    Both transforms are separable (B^T d B = rows, then columns): two reductions of 6
+    taps each instead of one of 36, half the arithmetic once the zero taps are gone."""
+    n_ext, c_ext, h_ext, w_ext = (int(d) for d in x.shape)
+    k_ext = int(u.shape[3])
+    th, tw = -(-h_ext // TILE), -(-w_ext // TILE)
+    per_image = th * tw
+    a_np, b_np, _ = transform_matrices()
+    mat_a = const_matrix(a_np.astype("float32"), "winograd_A")
+    mat_b = const_matrix(b_np.astype("float32"), "winograd_B")
+
+    def tile_origin(p):
+        return p // per_image, p % per_image // tw * TILE, p % tw * TILE
+
+    pad = te.compute(
+        (n_ext, th * TILE + 2, tw * TILE + 2, c_ext),
+        lambda n, y, xx, c: tirx.if_then_else(
+            tirx.all(y >= 1, y <= h_ext, xx >= 1, xx <= w_ext), x[n, c, y - 1, xx - 1], tirx.const(0.0, "float32")),
+        name="winograd_pad")
+    ra = te.reduce_axis((0, ALPHA), "ra")
+
+    def rows(e1, b, p, c):
+        n, y0, x0 = tile_origin(p)
+        return te.sum(pad[n, y0 + ra, x0 + b, c] * mat_b[ra, e1], axis=ra)
+
+    pack_rows = te.compute((ALPHA, ALPHA, n_ext * per_image, c_ext), rows, name="winograd_pack_rows")
+    rb = te.reduce_axis((0, ALPHA), "rb")
+    v = te.compute((ALPHA, ALPHA, n_ext * per_image, c_ext),
+                   lambda e1, e2, p, c: te.sum(pack_rows[e1, rb, p, c] * mat_b[rb, e2], axis=rb),
+                   name="winograd_data_pack")
+    rc = te.reduce_axis((0, c_ext), "rc")
+    m = te.compute((ALPHA, ALPHA, n_ext * per_image, k_ext),
+                   lambda e1, e2, p, k: te.sum(v[e1, e2, p, rc] * u[e1, e2, rc, k], axis=rc),
+                   name="winograd_bgemm")
+    r1 = te.reduce_axis((0, ALPHA), "r1")
+    inv_rows = te.compute((TILE, ALPHA, n_ext * per_image, k_ext),
+                          lambda i, b, p, k: te.sum(mat_a[r1, i] * m[r1, b, p, k], axis=r1),
+                          name="winograd_inverse_rows")
+    r2 = te.reduce_axis((0, ALPHA), "r2")
+    return te.compute(
+        (n_ext, k_ext, h_ext, w_ext),
+        lambda n, k, y, xx: te.sum(
+            inv_rows[y % TILE, r2, n * per_image + y // TILE * tw + xx // TILE, k] * mat_a[r2, xx % TILE], axis=r2),
+        name="winograd_inverse")
+
+
+@mutator
+class _WinogradConvs(FunctionRewriter):
+    def __init__(self, mod: tvm.IRModule, lanes: int):
+        super().__init__(mod)
+        self.lanes = lanes
+
+    def visit_call_(self, call):  # noqa: N802 - PyExprMutator naming
+        call = super().visit_call_(call)
+        if not call.op.same_as(_CONV2D):
+            return call
+        attrs = call.attrs
+        x, weight = call.args
+        shape = static_shape(x.ty)
+        if (not isinstance(weight, tvm.ir.expr.Constant) or shape is None
+                or str(x.ty.dtype) != "float32"
+                or str(attrs.out_dtype) not in ("", "None", "void", "float32")
+                or int(attrs.groups) != 1
+                or (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NCHW", "OIHW", "NCHW")
+                or [int(s) for s in attrs.strides] != [1, 1] or [int(d) for d in attrs.dilation] != [1, 1]
+                or [int(p) for p in attrs.padding] != [1, 1, 1, 1]):
+            return call
+        w = constant_array(weight)
+        if w.shape[2:] != (3, 3) or str(w.dtype) != "float32" or not worth_winograd(shape, w.shape[0], self.lanes):
+            return call
+        return self.builder_.call_te(winograd_conv2d_te, x, relax.const(transform_weight(w), "float32"),
+                                     primfunc_name_hint="conv2d_winograd")
+
+
+def winograd_convs(lanes: int) -> tvm.transform.Pass:
+    """Module pass: 3x3 stride-1 float32 convs with constant weights and enough tiles become
+    Winograd kernels (module doc).  Runs before ``conv_weight_to_hwio``."""
+
+    @tvm.transform.module_pass(opt_level=0, name="graphopt.WinogradConvs")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return _WinogradConvs(mod, lanes).transform()
+
+    return _pass
+
+
+# --------------------------------------------------------------------------- schedule
+
+_STAGES = ("winograd_pad", "winograd_pack_rows", "winograd_data_pack", "winograd_bgemm",
+           "winograd_inverse_rows", "winograd_inverse")
+
+
+def _block(sch, name):
+    try:
+        return sch.get_sblock(name)
+    except Exception:  # noqa: BLE001 - not this kernel
+        return None
+
+
+def _blocks_after(sch, block) -> list:
+    """The root blocks after ``block``: the conv's fused epilogue."""
+    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    idx = next(i for i, b in enumerate(blocks) if sch.get(b).same_as(sch.get(block)))
+    return blocks[idx + 1:]
+
+
+class WinogradConv2d(base.CPURule):
+    """The four stages of ``winograd_conv2d_te`` plus the fused epilogue."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        if not self.is_target_available(target):
+            return None
+        sch = tvm.s_tir.Schedule(func)
+        blocks = [_block(sch, name) for name in _STAGES]
+        if any(b is None for b in blocks):
+            return None
+        pad, rows, pack, gemm, inv_rows, inverse = blocks
+        # The transform matrices are select chains (topi's const_matrix): inlined, they fold
+        # to constants once the tap loops are unrolled, and zero taps disappear.
+        for name in ("winograd_A", "winograd_B"):
+            const = _block(sch, name)
+            if const is not None:
+                sch.compute_inline(const)
+        lanes = base.simd_lanes(target, 32)
+        cores = base.num_cores(target)
+        max_acc = base.num_vector_registers(target) - 8
+        post = base.inline_post(sch, _blocks_after(sch, inverse))
+        # Image by image: at batch 8, V and M of a 64-channel 56x56 layer are 14 MB each,
+        # twice through DRAM; one image's (1.8 MB) stay in L2/L3.  Each stage is a
+        # parallel loop of its own under the serial image loop, scheduled consumer first
+        # (compute_at regenerates a producer's loops under the image loop).
+        image = _schedule_inverse(sch, inverse, inv_rows, post, lanes, cores)
+        for block, schedule in ((gemm, lambda: _schedule_gemm(sch, gemm, lanes, cores, max_acc)),
+                                (pack, lambda: _schedule_pack(sch, pack, rows, lanes, cores)),
+                                (pad, lambda: _schedule_pad(sch, pad, lanes, cores))):
+            sch.compute_at(block, image, preserve_unit_loops=True)
+            schedule()
+        return sch
+
+
+def _schedule_pad(sch, pad, lanes, cores):
+    _, n, y, x, c = sch.get_loops(pad)
+    rows = sch.fuse(n, y)
+    if cores > 1:
+        sch.parallel(rows)
+    c_ext = base.loop_extent(sch, c)
+    vec = base.largest_divisor(c_ext, lanes)
+    if vec > 1:
+        _, cv = sch.split(c, [None, vec])
+        sch.vectorize(cv)
+
+
+def _schedule_pack(sch, pack, rows, lanes, cores):
+    """One task per (tile, channel vector): the tile's row transform stays in registers."""
+    _, e1, e2, p, c, rb = sch.get_loops(pack)
+    co, cv = sch.split(c, [None, lanes])
+    sch.reorder(p, co, e1, e2, rb, cv)
+    outer = sch.fuse(p, co)
+    if cores > 1:
+        sch.parallel(outer)
+    for lp in (e1, e2, rb):
+        sch.unroll(lp)
+    sch.vectorize(cv)
+    _local_transform(sch, rows, outer)
+    init = sch.decompose_reduction(pack, e1)
+    _unroll_vectorize(sch, init, 2)
+
+
+def _local_transform(sch, block, at):
+    """The first (row) half of a separable transform, per tile, in registers under ``at``."""
+    sch.compute_at(block, at, preserve_unit_loops=True)
+    sch.set_scope(block, 0, "local")
+    loops = sch.get_loops(block)
+    depth = next(i for i, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(at))) + 1
+    *spatial, vec, red = loops[depth:]  # (e, b, tile, channels, tap)
+    sch.reorder(*spatial, red, vec)
+    for lp in (*spatial, red):
+        sch.unroll(lp)
+    sch.vectorize(vec)
+    init = sch.decompose_reduction(block, spatial[0])
+    _unroll_vectorize(sch, init, depth)
+
+
+def _unroll_vectorize(sch, block, skip):
+    loops = sch.get_loops(block)[skip:]
+    for lp in loops[:-1]:
+        sch.unroll(lp)
+    sch.vectorize(loops[-1])
+
+
+def _schedule_gemm(sch, gemm, lanes, cores, max_acc):
+    _, e1, e2, p, k, rc = sch.get_loops(gemm)
+    k_ext = base.loop_extent(sch, k)
+    p_ext = base.loop_extent(sch, p)
+    ki = 2 * lanes if k_ext % (2 * lanes) == 0 else lanes
+    rp = base.largest_divisor(p_ext, max(max_acc // (ki // lanes), 1)) or 1
+    acc = sch.cache_write(gemm, 0, "local")
+    ko, kv = sch.split(k, [None, ki])
+    po, pi = sch.split(p, [None, rp])
+    sch.reorder(e1, e2, ko, po, rc, pi, kv)
+    outer = sch.fuse(e1, e2, ko)
+    if cores > 1:
+        sch.parallel(outer)
+    sch.unroll(pi)
+    sch.vectorize(kv)
+    sch.reverse_compute_at(acc, po, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    sch.decompose_reduction(gemm, rc)
+
+
+def _schedule_inverse(sch, inverse, rows, post, lanes, cores):
+    """One task per row of tiles; per (tile, channel vector) the 4x4 outputs accumulate in
+    registers and are stored with the fused epilogue, 4 contiguous pixels at a time."""
+    n, k, y, x, r2 = sch.get_loops(inverse)
+    acc = sch.cache_write(inverse, 0, "local")
+    # The accumulator tile is laid out (y, x, k): its vector axis k contiguous.
+    sch.transform_layout(inverse, ("write", 0), lambda n, k, y, x: (n, y, x, k))
+    yo, yi = sch.split(y, [None, TILE])
+    xo, xi = sch.split(x, [None, TILE])
+    ko, kv = sch.split(k, [None, lanes])
+    sch.reorder(n, yo, xo, ko, yi, xi, r2, kv)
+    if cores > 1:
+        sch.parallel(yo)
+    for lp in (yi, xi, r2):
+        sch.unroll(lp)
+    sch.vectorize(kv)
+    _local_transform(sch, rows, ko)
+    sch.reverse_compute_at(acc, ko, preserve_unit_loops=True)
+    left = base.fuse_epilogue(sch, acc, post)
+    for b in left:
+        sch.reverse_compute_at(b, ko, preserve_unit_loops=True)
+    init = sch.decompose_reduction(inverse, yi)
+    _unroll_vectorize(sch, init, 4)
+    wb = sch.get_loops(acc)[4:]  # (n, k, y, x) of the tile
+    if len(wb) == 4:
+        sch.vectorize(wb[-1])
+    return n
