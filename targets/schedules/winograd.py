@@ -37,82 +37,101 @@ from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_poi
 from . import base
 from .layout import FunctionRewriter, constant_array, static_shape
 
-TILE = 4  # output tile m of F(m x m, 3 x 3)
-ALPHA = TILE + 2
+TILES = (4, 2)  # output tile sizes m of F(m x m, 3 x 3), in order of preference
 # The smallest number of tiles (GEMM rows) per weight matrix for which Winograd beats the
 # direct kernel (measured on resnet18: 49 tiles win, 16 lose).
 MIN_TILES = 48
+# ... and the smallest saving in multiplies (``saving``) that pays for the transforms:
+# resnet18's 7x7 layers at batch 8 in 2x2 tiles save 1.7x and ran no faster (3.99 vs
+# 3.94 ms); its 14x14 layers in 4x4 tiles save 3.1x and ran 1.4x faster.
+MIN_SAVING = 2.0
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 
 
-def transform_matrices() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(A [6, 4], B [6, 6], G [6, 3]) of F(4x4, 3x3): Y = A^T [(G g G^T) * (B^T d B)] A."""
-    a, b, g = _cook_toom_convolution(_interpolation_points(TILE + 1), TILE, 3)
+def transform_matrices(tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A [a, m], B [a, a], G [a, 3]) of F(m x m, 3 x 3), a = m + 2:
+    Y = A^T [(G g G^T) * (B^T d B)] A."""
+    a, b, g = _cook_toom_convolution(_interpolation_points(tile + 1), tile, 3)
     return a.astype(np.float64), b.astype(np.float64), g.astype(np.float64)
 
 
-def transform_weight(w: np.ndarray) -> np.ndarray:
+def transform_weight(w: np.ndarray, tile: int) -> np.ndarray:
     """OIHW 3x3 weight -> U[e1, e2, C, K] = G w G^T, computed in float64."""
-    _, _, g = transform_matrices()
+    _, _, g = transform_matrices(tile)
     return np.einsum("ia,kcab,jb->ijck", g, w.astype(np.float64), g).astype(w.dtype)
 
 
-def tiles(shape: list[int]) -> int:
+def tiles(shape: list[int], tile: int) -> int:
     n, _, h, w = shape
-    return n * -(-h // TILE) * -(-w // TILE)
+    return n * -(-h // tile) * -(-w // tile)
 
 
-def worth_winograd(x_shape: list[int], channels_out: int, lanes: int) -> bool:
-    return (len(x_shape) == 4 and tiles(x_shape) >= MIN_TILES and x_shape[1] >= lanes
-            and channels_out % lanes == 0)
+def choose_tile(x_shape: list[int], channels_out: int, lanes: int) -> int | None:
+    """The output tile m for this conv, or None when the direct kernel is the better one.
+
+    F(4x4) saves the most arithmetic (4x against 2.25x for F(2x2)) but needs a 4x larger
+    image for the same number of tiles: resnet18's 14x14 layers at batch 1 get 16 tiles
+    of 4x4 and 49 of 2x2."""
+    if len(x_shape) != 4 or x_shape[1] < lanes or channels_out % lanes:
+        return None
+    return next((m for m in TILES if tiles(x_shape, m) >= MIN_TILES and saving(x_shape, m) >= MIN_SAVING), None)
 
 
-def winograd_conv2d_te(x: te.Tensor, u: te.Tensor) -> te.Tensor:
+def saving(x_shape: list[int], tile: int) -> float:
+    """How many times fewer multiplies than the direct conv, counting the tiles' overhang
+    (a 7x7 image in 2x2 tiles computes 8x8 outputs)."""
+    _, _, h, w = x_shape
+    covered = -(-h // tile) * tile * -(-w // tile) * tile
+    return 9 * tile * tile / (tile + 2) ** 2 * (h * w) / covered
+
+
+def winograd_conv2d_te(x: te.Tensor, u: te.Tensor, tile: int) -> te.Tensor:
     """3x3 stride-1 pad-1 conv of NCHW ``x`` with the transformed weight ``u`` (module doc).
 
     Both transforms are separable (B^T d B = rows, then columns): two reductions of 6
     taps each instead of one of 36, half the arithmetic once the zero taps are gone."""
     n_ext, c_ext, h_ext, w_ext = (int(d) for d in x.shape)
     k_ext = int(u.shape[3])
-    th, tw = -(-h_ext // TILE), -(-w_ext // TILE)
+    alpha = tile + 2
+    th, tw = -(-h_ext // tile), -(-w_ext // tile)
     per_image = th * tw
-    a_np, b_np, _ = transform_matrices()
+    a_np, b_np, _ = transform_matrices(tile)
     mat_a = const_matrix(a_np.astype("float32"), "winograd_A")
     mat_b = const_matrix(b_np.astype("float32"), "winograd_B")
 
     def tile_origin(p):
-        return p // per_image, p % per_image // tw * TILE, p % tw * TILE
+        return p // per_image, p % per_image // tw * tile, p % tw * tile
 
     pad = te.compute(
-        (n_ext, th * TILE + 2, tw * TILE + 2, c_ext),
+        (n_ext, th * tile + 2, tw * tile + 2, c_ext),
         lambda n, y, xx, c: tirx.if_then_else(
             tirx.all(y >= 1, y <= h_ext, xx >= 1, xx <= w_ext), x[n, c, y - 1, xx - 1], tirx.const(0.0, "float32")),
         name="winograd_pad")
-    ra = te.reduce_axis((0, ALPHA), "ra")
+    ra = te.reduce_axis((0, alpha), "ra")
 
     def rows(e1, b, p, c):
         n, y0, x0 = tile_origin(p)
         return te.sum(pad[n, y0 + ra, x0 + b, c] * mat_b[ra, e1], axis=ra)
 
-    pack_rows = te.compute((ALPHA, ALPHA, n_ext * per_image, c_ext), rows, name="winograd_pack_rows")
-    rb = te.reduce_axis((0, ALPHA), "rb")
-    v = te.compute((ALPHA, ALPHA, n_ext * per_image, c_ext),
+    pack_rows = te.compute((alpha, alpha, n_ext * per_image, c_ext), rows, name="winograd_pack_rows")
+    rb = te.reduce_axis((0, alpha), "rb")
+    v = te.compute((alpha, alpha, n_ext * per_image, c_ext),
                    lambda e1, e2, p, c: te.sum(pack_rows[e1, rb, p, c] * mat_b[rb, e2], axis=rb),
                    name="winograd_data_pack")
     rc = te.reduce_axis((0, c_ext), "rc")
-    m = te.compute((ALPHA, ALPHA, n_ext * per_image, k_ext),
+    m = te.compute((alpha, alpha, n_ext * per_image, k_ext),
                    lambda e1, e2, p, k: te.sum(v[e1, e2, p, rc] * u[e1, e2, rc, k], axis=rc),
                    name="winograd_bgemm")
-    r1 = te.reduce_axis((0, ALPHA), "r1")
-    inv_rows = te.compute((TILE, ALPHA, n_ext * per_image, k_ext),
+    r1 = te.reduce_axis((0, alpha), "r1")
+    inv_rows = te.compute((tile, alpha, n_ext * per_image, k_ext),
                           lambda i, b, p, k: te.sum(mat_a[r1, i] * m[r1, b, p, k], axis=r1),
                           name="winograd_inverse_rows")
-    r2 = te.reduce_axis((0, ALPHA), "r2")
+    r2 = te.reduce_axis((0, alpha), "r2")
     return te.compute(
         (n_ext, k_ext, h_ext, w_ext),
         lambda n, k, y, xx: te.sum(
-            inv_rows[y % TILE, r2, n * per_image + y // TILE * tw + xx // TILE, k] * mat_a[r2, xx % TILE], axis=r2),
+            inv_rows[y % tile, r2, n * per_image + y // tile * tw + xx // tile, k] * mat_a[r2, xx % tile], axis=r2),
         name="winograd_inverse")
 
 
@@ -138,9 +157,10 @@ class _WinogradConvs(FunctionRewriter):
                 or [int(p) for p in attrs.padding] != [1, 1, 1, 1]):
             return call
         w = constant_array(weight)
-        if w.shape[2:] != (3, 3) or str(w.dtype) != "float32" or not worth_winograd(shape, w.shape[0], self.lanes):
+        tile = choose_tile(shape, w.shape[0], self.lanes)
+        if w.shape[2:] != (3, 3) or str(w.dtype) != "float32" or tile is None:
             return call
-        return self.builder_.call_te(winograd_conv2d_te, x, relax.const(transform_weight(w), "float32"),
+        return self.builder_.call_te(winograd_conv2d_te, x, relax.const(transform_weight(w, tile), "float32"), tile,
                                      primfunc_name_hint="conv2d_winograd")
 
 
@@ -286,8 +306,9 @@ def _schedule_inverse(sch, inverse, rows, post, lanes, cores):
     acc = sch.cache_write(inverse, 0, "local")
     # The accumulator tile is laid out (y, x, k): its vector axis k contiguous.
     sch.transform_layout(inverse, ("write", 0), lambda n, k, y, x: (n, y, x, k))
-    yo, yi = sch.split(y, [None, TILE])
-    xo, xi = sch.split(x, [None, TILE])
+    tile = int(sch.get(rows).writes[0].source.shape[0])  # inverse_rows: [m, a, tiles, K]
+    yo, yi = sch.split(y, [None, tile])
+    xo, xi = sch.split(x, [None, tile])
     ko, kv = sch.split(k, [None, lanes])
     sch.reorder(n, yo, xo, ko, yi, xi, r2, kv)
     if cores > 1:
