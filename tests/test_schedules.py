@@ -136,9 +136,10 @@ def test_conv2d_rule_fused_epilogue(stride):
 @pytest.mark.parametrize("kernel, padding, copy_kept", [(1, 0, False), (3, 1, True)])
 def test_conv2d_copies_its_input_only_to_pad_it(kernel, padding, copy_kept):
     """An unpadded conv's "pad_temp" is a plain copy of the input: it is inlined, not run
-    as a pass of its own (14x14 output: the channel-vectorized kernel, not the pointwise
-    one). A real padding stays a block -- inlined, it would bounds-check every load."""
-    x = rng.standard_normal((1, 48, 14, 14), dtype=np.float32)
+    as a pass of its own (10x10 output: the channel-vectorized kernel, not the pointwise
+    one, nor Winograd's). A real padding stays a block -- inlined, it would bounds-check
+    every load."""
+    x = rng.standard_normal((1, 48, 10, 10), dtype=np.float32)
     w = rng.standard_normal((32, 48, kernel, kernel), dtype=np.float32)
     body = lambda bb, xv: relax.op.nn.conv2d(xv, relax.const(w), padding=padding)  # noqa: E731
     func = _schedule_one(_fuse(_build_relax([("x", x.shape)], body)), "Conv2dNCHW")
@@ -380,10 +381,11 @@ def test_rules_compile_for_aarch64():
         return bb.emit(relax.op.matmul(relax.op.reshape(y, (1, 256)), relax.const(wl)))
 
     mod = _build_relax([("x", x.shape)], body)
-    seq = [*cpu_layout_passes(ARM), relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+    layout = cpu_layout_passes(ARM)
+    seq = [*layout, relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
            relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
            cpu_schedule_pass(ARM), *_PIPE.dataflow_lower_passes(ARM), *_PIPE.finalize_passes(ARM)]
-    lowered = tvm.transform.Sequential(seq[:6])(mod)
+    lowered = tvm.transform.Sequential(seq[:len(layout) + 5])(mod)
     rules = {n: schedule_primfunc(f, ARM)[0] for n, f in _prim_funcs(lowered).items()}
     assert "Conv2dNCHW" in rules.values() and "Matmul" in rules.values(), rules
     tvm.compile(mod, target=ARM, relax_pipeline=tvm.transform.Sequential(seq))

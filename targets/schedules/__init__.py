@@ -7,6 +7,7 @@ per op family, applied to every not-yet-scheduled PrimFunc by ``cpu_schedule_pas
 =====================  ===========================================================
 rule                   handles
 =====================  ===========================================================
+WinogradConv2d         3x3 stride-1 conv as Winograd F(4x4|2x2, 3x3) + fused epilogue
 Conv2dNCHW             dense conv2d (NCHW data, HWIO/OIHW weight) + fused epilogue
 DepthwiseConv2dNCHW    depthwise / grouped conv2d + fused epilogue
 Matmul                 matmul, dense, batch-matmul + fused epilogue
@@ -123,6 +124,7 @@ def cpu_layout_passes(target: tvm.target.Target) -> list:
       between the BN affine and the following relu/clip/residual add, and FuseOps stops
       at tuples: without it every conv is followed by a separate relu/clip pass over
       memory (resnet18: 24 -> 19 kernels, conv+BN+add+relu in one).
+    * winograd_convs: 3x3 stride-1 convs with enough tiles -> Winograd kernels (winograd.py).
     * conv_weight_to_hwio: constant conv2d weights OIHW -> HWIO (see layout.py).
     * pack_dense_weights: constant dense weights [K, N] -> register-tile panels (layout.py).
     * block_depthwise_inputs: a conv kernel hands the depthwise conv after it NCHW[L]c
@@ -131,10 +133,5 @@ def cpu_layout_passes(target: tvm.target.Target) -> list:
     if target is not None and tvm.target.Target(target).kind.name != "llvm":
         return []
     return [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
-            *int8_layout_passes(target), *_winograd(target), conv_weight_to_hwio, pack_dense_weights(simd_lanes(target)),
+            *int8_layout_passes(target), winograd_convs(simd_lanes(target)), conv_weight_to_hwio, pack_dense_weights(simd_lanes(target)),
             block_depthwise_inputs(simd_lanes(target))]
-
-
-def _winograd(target):
-    import os
-    return [] if os.environ.get("GRAPHOPT_WINOGRAD") == "0" else [winograd_convs(simd_lanes(target))]

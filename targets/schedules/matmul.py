@@ -99,10 +99,20 @@ def is_gemm_block(block) -> bool:
     if ops is None:
         return False
     store, a, b = ops
-    k = block.iter_vars[-1].var
-    if not all(isinstance(i, tirx.Var) for i in store.indices):
+    i, j, k = (iv.var for iv in block.iter_vars[-3:])
+    if not all(isinstance(idx, tirx.Var) for idx in store.indices):
         return False
-    return all(any(isinstance(i, tirx.Var) and i.same_as(k) for i in op.indices) for op in (a, b))
+
+    def reads(op, var) -> bool:
+        return any(isinstance(idx, tirx.Var) and idx.same_as(var) for idx in op.indices)
+
+    # Both operands are indexed by k, and i and j each index one of them as a plain
+    # variable: A[.., i, k] x B[.., k, j] or the NT form B[.., j, k].  Reductions that
+    # merely look alike (Winograd's transforms: T[e, r, p, c] x B[r, e2], or an output
+    # pixel read as tile x // 4 and tap x % 4) are not GEMMs: tiled as one, the output
+    # of Winograd's inverse transform came out wrong.
+    return (reads(a, k) and reads(b, k)
+            and ((reads(a, i) and reads(b, j)) or (reads(b, i) and reads(a, j))))
 
 
 def schedule_gemm_block(sch, main, target: Target, post=()):

@@ -1,28 +1,30 @@
-"""3x3 stride-1 convolutions by Winograd's minimal filtering, F(4x4, 3x3).
+"""3x3 stride-1 convolutions by Winograd's minimal filtering, F(4x4, 3x3) and F(2x2, 3x3).
 
 A direct 3x3 conv spends 9 multiply-adds per input channel on every output pixel.  Winograd
-(Lavin & Gray, 2016) computes a 4x4 output tile from a 6x6 input tile with 36 products per
-channel instead of 144: four times less arithmetic in the part that dominates, the channel
-reduction, which becomes 36 independent GEMMs.  The price is two transforms (input tiles
-in, output tiles out) and a weight four times larger (6x6 instead of 3x3 per channel pair),
-transformed here in numpy at compile time.
+(Lavin & Gray, 2016) computes an m x m output tile from an (m+2) x (m+2) input tile with
+(m+2)^2 products per channel pair instead of 9 m^2: 36 instead of 144 for m = 4, 16 instead
+of 36 for m = 2.  The channel reduction, where the time goes, becomes (m+2)^2 independent
+GEMMs.  The price is two transforms (input tiles in, output tiles out) and a larger weight
+((m+2)^2 instead of 9 values per channel pair), transformed here in numpy at compile time.
 
 Stages of the kernel (one PrimFunc; the conv's fused epilogue follows the last):
 
-  winograd_pad        x [N, C, H, W] -> zero-padded NHWC [N, 4*TH + 2, 4*TW + 2, C]
+  winograd_pad        x [N, C, H, W] -> zero-padded NHWC [N, m*TH + 2, m*TW + 2, C]
   winograd_data_pack  V[e1, e2, p, c] = sum_{a,b} B[a, e1] B[b, e2] pad[tile p + (a, b), c]
   winograd_bgemm      M[e1, e2, p, k] = sum_c V[e1, e2, p, c] U[e1, e2, c, k]
-  winograd_inverse    Y[n, k, y, x]   = sum_{a,b} A[a, y % 4] A[b, x % 4] M[a, b, tile(y, x), k]
+  winograd_inverse    Y[n, k, y, x]   = sum_{a,b} A[a, y % m] A[b, x % m] M[a, b, tile(y, x), k]
 
-Channels are the fastest axis of every intermediate, so each stage is vectorized over c or
-k with contiguous loads; the pad stage pays the one NCHW -> NHWC transpose.
+(both transforms are computed separably, rows then columns: ``*_rows`` stages).  Channels
+are the fastest axis of every intermediate, so each stage is vectorized over c or k with
+contiguous loads; the pad stage pays the one NCHW -> NHWC transpose.
 
-When it pays (``worth_winograd``): the GEMMs must have enough tiles per weight matrix.  At
-batch 1 resnet18's 14x14 and 7x7 layers have 16 and 4 tiles, and their transformed weights
-(9.4 and 37.7 MB) would have to stream from memory for very little arithmetic: those stay
-direct.  Accuracy: F(4x4, 3x3) with TVM's interpolation points (0, +-1, 1/2, -2) rounds
-about ten times more than the direct sum (max error 1.4e-5 against 1e-6 on a 64-channel
-layer with outputs of magnitude 6), well inside the fp32 tolerance (docs/TOLERANCES.md).
+When it pays (``choose_tile``): the GEMMs need enough tiles per weight matrix, and the
+saving must survive the tiles' overhang of the image.  resnet18 at batch 1 (2 threads):
+the 56x56 and 28x28 layers take 4x4 tiles (0.49 -> 0.22 ms, 0.55 -> 0.34 ms), the 14x14
+layers 2x2 tiles; the 7x7 layers stay direct.  Accuracy: F(4x4, 3x3) with TVM's
+interpolation points (0, +-1, 1/2, -2) rounds about ten times more than the direct sum
+(max error 1.4e-5 against 1e-6 on a 64-channel layer with outputs of magnitude 6), well
+inside the fp32 tolerance (docs/TOLERANCES.md); F(2x2, 3x3) about twice.
 """
 
 from __future__ import annotations
