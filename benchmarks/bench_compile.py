@@ -31,13 +31,15 @@ from graphopt.testing import assert_matches_eager  # noqa: E402
 
 def nominal_peak_gflops() -> tuple[float, str]:
     """cores x fp32 flop/cycle x clock. AVX-512 FMA: 2 ports x 16 lanes x 2 flop = 64 flop/cycle on
-    Intel server cores; AMD Zen 4 runs 512-bit FMAs on two 256-bit pipes: 32 flop/cycle. The clock
-    is /proc/cpuinfo's, the base clock on most VMs: cores that boost beat this "peak", which is
-    why the table also gives torch's own GEMM as the practical one."""
+    Intel server cores and AMD Zen 5 (family 26); Zen 4 (family 25) runs 512-bit FMAs on two 256-bit
+    pipes: 32 flop/cycle. The clock is /proc/cpuinfo's, the base clock on most VMs: cores that boost
+    beat this "peak", which is why the table also gives torch's own GEMM as the practical one."""
     info = open("/proc/cpuinfo").read()
-    mhz = max(float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz"))
-    amd = "AuthenticAMD" in info
-    flop_per_cycle = 32 if amd or "avx512f" not in info else 64
+    lines = info.splitlines()
+    mhz = max(float(line.split(":")[1]) for line in lines if line.startswith("cpu MHz"))
+    family = next((int(line.split(":")[1]) for line in lines if line.startswith("cpu family")), 0)
+    half_width = "AuthenticAMD" in info and family < 26
+    flop_per_cycle = 64 if "avx512f" in info and not half_width else 32
     return THREADS * flop_per_cycle * mhz / 1e3, f"{THREADS} x {flop_per_cycle} flop/cycle x {mhz / 1e3:.2f} GHz"
 
 
