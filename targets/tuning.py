@@ -230,7 +230,9 @@ class _Tuner:
         built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch in seeds])
         records, to_run = [], []
         for (task, sch), result in zip(seeds, built):
-            args = ms.arg_info.ArgInfo.from_prim_func(task.dispatched[0]["main"])
+            # The arguments of the kernel as built: a weight the rule reads pre-packed (its
+            # layout-rewrite block, which the builder strips) has the packed shape.
+            args = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
             if result.error_msg is None:
                 to_run.append((task, sch, args, result.artifact_path))
         device = "cuda" if target.kind.name == "cuda" else "cpu"

@@ -326,3 +326,18 @@ def test_records_of_schedules_that_relayout_buffers_persist(tmp_path):
     tvm_db = ms.database.JSONDatabase(os.path.join(folder, "database_workload.json"),
                                       os.path.join(folder, "database_tuning_record.json"))
     assert len(tvm_db.get_all_tuning_records()) == 1
+
+
+def test_rule_baseline_of_a_prepacked_conv_is_measured(tmp_path):
+    """Regression: the conv rule reads its weight pre-packed ([F/32, C, 3, 3, 32], a layout-rewrite
+    block the builder strips), but its baseline was run with the workload's HWIO argument shapes,
+    failed, and any MetaSchedule candidate beat it: tuned resnet18 ran 5x slower than untuned."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 16, 8, 8)
+    tune = Tune(trials=1, db=str(tmp_path / "db"), **SMALL)  # one trial per task: the baseline alone
+    module = graphopt.compile(model, "x86", (x,), tune=tune)
+    assert tune.log.baselines_measured == tune.log.tasks == 1
+    assert tune.log.best_ms is not None  # None when a task's only record is a failed measurement
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), model(x), rtol=1e-4, atol=1e-5)
