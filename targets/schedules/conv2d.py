@@ -169,8 +169,16 @@ def _schedule_pointwise(sch, info: base.FuncInfo, target: Target, lanes: int, ma
     fo, fv = sch.split(f, [None, fi])
     # hw tile outermost: its input panel (C x hwi) stays in L1 across all f tiles.
     sch.reorder(n, hwo, fo, rc, ry, rx, fv, hwu, hwv)
-    outer = sch.fuse(n, hwo)
-    if base.num_cores(target) > 1:
+    cores = base.num_cores(target)
+    n_ext = int(sch.get(main).iter_vars[0].dom.extent)
+    if cores > 1 and (n_ext * hw_ext // hwi) % cores:
+        # Pixel tiles that do not split evenly between the cores leave one idle for a
+        # whole tile (mobilenet_v2's 28x28 layers: 7 tiles, 4 + 3); the channel tiles
+        # join the parallel loop (each core still walks a contiguous run of them).
+        outer = fo = sch.fuse(n, hwo, fo)
+    else:
+        outer = sch.fuse(n, hwo)
+    if cores > 1:
         sch.parallel(outer)
     sch.unroll(fv)
     sch.unroll(hwu)
@@ -249,8 +257,10 @@ class Conv2dNCHW(base.CPURule):
         cores = base.num_cores(target)
         # Deep layers (one f-tile's weights > 32 KiB) parallelize over f-tiles only, so
         # that each core streams its own half of the weights once per image instead of
-        # both cores re-reading all of them (needs enough f-tiles per core).
-        per_tile = f_blocks >= 2 * cores and c_ext * kh * kw * fi * 4 > (32 << 10)
+        # both cores re-reading all of them (needs enough f-tiles, evenly split: 5 tiles
+        # on 2 cores would leave one idle a fifth of the time).
+        per_tile = (f_blocks >= 2 * cores and f_blocks % cores == 0
+                    and c_ext * kh * kw * fi * 4 > (32 << 10))
         if per_tile:
             outer = sch.fuse(n, fo)
         else:
