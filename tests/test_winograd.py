@@ -38,6 +38,8 @@ LANES = 16
     ((1, 512, 7, 7), 512, None),  # layer4: 16 tiles of 2x2 at most
     ((8, 512, 7, 7), 512, None),  # 2x2 tiles overhang 7x7 by 30%: a saving of 1.7x only
     ((8, 256, 14, 14), 256, 4),
+    ((1, 32, 16, 16), 64, None),  # the small CNN at batch 1: 4.7M multiply-adds, too little work
+    ((8, 32, 16, 16), 64, 4),     # ... at batch 8: 128 tiles of 4x4
     ((1, 8, 56, 56), 64, None),   # fewer input channels than a vector
     ((1, 64, 56, 56), 24, None),  # output channels not whole vectors
 ])
@@ -61,7 +63,7 @@ def _called_kernels(mod) -> set[str]:
 
 def test_rewrite_replaces_only_convs_that_pay():
     rng = np.random.default_rng(0)
-    big = winograd_convs(LANES)(_conv_module((1, 16, 28, 28), rng.standard_normal((32, 16, 3, 3)).astype("float32")))
+    big = winograd_convs(LANES)(_conv_module((1, 32, 28, 28), rng.standard_normal((64, 32, 3, 3)).astype("float32")))
     assert _called_kernels(big) == {"conv2d_winograd"}
     assert big["conv2d_winograd"].params[1].shape[0] == 6  # U is [6, 6, C, K]: 4x4 tiles
     small = winograd_convs(LANES)(_conv_module((1, 16, 8, 8), rng.standard_normal((32, 16, 3, 3)).astype("float32")))
@@ -116,11 +118,11 @@ class _ResidualBlock(torch.nn.Module):
 @pytest.mark.parametrize("batch", [1, 2])
 def test_compiled_residual_block_matches_eager(batch):
     torch.manual_seed(0)
-    model = _ResidualBlock(16).eval()
+    model = _ResidualBlock(48).eval()
     for bn in (model.bn1, model.bn2):
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 2.0)
-    x = torch.randn(batch, 16, 28, 28)
+    x = torch.randn(batch, 48, 28, 28)
     graph = graphopt.optimize(model, (x,), "default")
     mod = scheduled_module(lower_to_relax(graph), resolve_target("x86"), fusion=fusion_mode(graph, None))
     winograd = [f for f in mod.functions.values()
