@@ -320,6 +320,23 @@ def test_pooling_rule(kind):
     np.testing.assert_allclose(_run_func(func, [x]), ref, rtol=RTOL, atol=ATOL)
 
 
+def test_windowed_pool_pads_each_plane_in_its_task():
+    """resnet18's 3x3/2 max pool: one parallel loop over (n, c) planes; the padding copy of a
+    plane runs inside it (as its own pass it cost as much as the pool), and the output row
+    accumulates in whole vectors."""
+    torch = pytest.importorskip("torch")
+    x = rng.standard_normal((1, 8, 32, 32), dtype=np.float32)
+    mod = _fuse(_build_relax([("x", x.shape)],
+                             lambda bb, xv: relax.op.nn.max_pool2d(xv, pool_size=3, strides=2, padding=1)))
+    func = _schedule_one(mod, "Pooling")
+    text = _script(func)
+    assert text.count("T.parallel") == 1 and "T.parallel(8)" in text.replace("T.int64(8)", "8")
+    assert text.index("T.parallel") < text.index('sblock("pad_temp")')
+    assert "T.vectorized(16)" in text.replace("T.int64(16)", "16")
+    ref = torch.nn.functional.max_pool2d(torch.tensor(x), 3, 2, 1).numpy()
+    np.testing.assert_allclose(_run_func(func, [x]), ref, rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("op", ["softmax", "layer_norm"])
 def test_row_reduction_rule(op):
     x = rng.standard_normal((64, 256), dtype=np.float32)
