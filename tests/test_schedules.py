@@ -320,6 +320,23 @@ def test_pooling_rule(kind):
     np.testing.assert_allclose(_run_func(func, [x]), ref, rtol=RTOL, atol=ATOL)
 
 
+def test_depthwise_pads_each_plane_in_its_task():
+    """A stride-1 depthwise conv on wide rows (the width-vectorized kernel) pads each channel
+    plane inside the parallel task that convolves it: one parallel loop, no pass of its own
+    over the input (mobilenet_v2's 144x56x56 layer: 0.075 -> 0.068 ms)."""
+    x = rng.standard_normal((1, 16, 32, 32), dtype=np.float32)
+    w = rng.standard_normal((16, 1, 3, 3), dtype=np.float32)
+    mod = _fuse(_build_relax([("x", x.shape)],
+                             lambda bb, xv: relax.op.nn.conv2d(xv, relax.const(w), padding=1, groups=16)))
+    func = _schedule_one(mod, "DepthwiseConv2dNCHW")
+    text = _script(func)
+    assert text.count("T.parallel") == 1
+    assert text.index("T.parallel") < text.index('sblock("pad_temp")')
+    torch = pytest.importorskip("torch")
+    ref = torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(w), padding=1, groups=16).numpy()
+    np.testing.assert_allclose(_run_func(func, [x, w]), ref, rtol=RTOL, atol=1e-4)
+
+
 def test_windowed_pool_pads_each_plane_in_its_task():
     """resnet18's 3x3/2 max pool: one parallel loop over (n, c) planes; the padding copy of a
     plane runs inside it (as its own pass it cost as much as the pool), and the output row
