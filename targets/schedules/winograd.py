@@ -205,7 +205,8 @@ def _blocks_after(sch, block) -> list:
 
 
 class WinogradConv2d(base.CPURule):
-    """The four stages of ``winograd_conv2d_te`` plus the fused epilogue."""
+    """The stages of ``winograd_conv2d_te`` (pad, input transform, GEMMs, output transform)
+    plus the fused epilogue."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         if not self.is_target_available(target):
@@ -230,11 +231,12 @@ class WinogradConv2d(base.CPURule):
         # parallel loop of its own under the serial image loop, scheduled consumer first
         # (compute_at regenerates a producer's loops under the image loop).
         image = _schedule_inverse(sch, inverse, inv_rows, post, lanes, cores)
-        for block, schedule in ((gemm, lambda: _schedule_gemm(sch, gemm, lanes, cores, max_acc)),
-                                (pack, lambda: _schedule_pack(sch, pack, rows, lanes, cores)),
-                                (pad, lambda: _schedule_pad(sch, pad, lanes, cores))):
-            sch.compute_at(block, image, preserve_unit_loops=True)
-            schedule()
+        sch.compute_at(gemm, image, preserve_unit_loops=True)
+        _schedule_gemm(sch, gemm, lanes, cores, max_acc)
+        sch.compute_at(pack, image, preserve_unit_loops=True)
+        _schedule_pack(sch, pack, rows, lanes, cores)
+        sch.compute_at(pad, image, preserve_unit_loops=True)
+        _schedule_pad(sch, pad, lanes, cores)
         return sch
 
 
