@@ -334,6 +334,21 @@ def fuse_epilogue(sch: s_tir.Schedule, writeback, post: list) -> list:
     return left
 
 
+def pad_in_task(sch: s_tir.Schedule, pad, task_loop) -> None:
+    """Compute a padding copy under ``task_loop`` (a parallel loop over planes), region by
+    region, instead of as a pass of its own over the whole input: the padded plane is still
+    in L1/L2 when the taps read it, and the kernel has one parallel region fewer.
+
+    Raises when ``pad`` cannot move there (e.g. a producer shared by several tasks).  The
+    padded row (e.g. 114 wide) becomes one vector loop: LLVM splits it into whole registers
+    and a short tail, far better than a scalar copy."""
+    sch.compute_at(pad, task_loop, preserve_unit_loops=True)
+    try:
+        sch.vectorize(sch.get_loops(pad)[-1])
+    except Exception:  # noqa: BLE001 - a row it cannot vectorize stays a scalar copy
+        pass
+
+
 def parallel_vectorize_injective(sch: s_tir.Schedule, block, lanes: int, cores: int,
                                  min_parallel_work: int = 4096) -> None:
     """Parallelize the outer loops and vectorize the innermost of one spatial block.

@@ -5,7 +5,7 @@ loop overhead, not FMAs.  The schedule vectorizes along the output *width* (the 
 row is contiguous for stride 1, a strided load for stride 2; the weight of one tap is a
 scalar broadcast), keeps a one-row accumulator tile in registers via cache_write,
 parallelizes over (n, channel), and folds the epilogue (BN affine, clip/relu6 ...) into
-the write-back.  Each task pads its own plane right before convolving it (``_pad_in_task``):
+the write-back.  Each task pads its own plane right before convolving it (``base.pad_in_task``):
 no separate pass over the input, and one parallel region per kernel.
 
 Also matches grouped convs with more than one channel per group: the reduction over rc
@@ -229,23 +229,8 @@ class DepthwiseConv2dNCHW(base.CPURule):
             sch.reverse_compute_at(b, xo, preserve_unit_loops=True)
         sch.decompose_reduction(main, rc)
         for b in info.pre:
-            if not _pad_in_task(sch, b, outer):
+            try:
+                base.pad_in_task(sch, b, outer)
+            except Exception:  # noqa: BLE001 - e.g. a producer shared by several planes' tasks
                 base.parallel_vectorize_injective(sch, b, lanes, cores)
         return sch
-
-
-def _pad_in_task(sch, pad, plane) -> bool:
-    """Pad each plane inside the parallel task that convolves it (the task's channels),
-    not in a pass of its own over the whole input: the padded plane is still in L1/L2
-    when the taps read it, and one parallel region fewer per kernel."""
-    try:
-        sch.compute_at(pad, plane, preserve_unit_loops=True)
-    except Exception:  # noqa: BLE001 - e.g. a producer shared by several planes' tasks
-        return False
-    try:
-        # The padded row (e.g. 114 wide) as one vector loop: LLVM splits it into whole
-        # registers and a short tail, far better than a scalar copy.
-        sch.vectorize(sch.get_loops(pad)[-1])
-    except Exception:  # noqa: BLE001 - a row it cannot vectorize stays a scalar copy
-        pass
-    return True

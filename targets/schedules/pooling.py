@@ -137,8 +137,5 @@ def _schedule_planar_window(sch, info: base.FuncInfo, exts, lanes: int, cores: i
     init = sch.decompose_reduction(main, ry)
     sch.vectorize(sch.get_loops(init)[-1])
     for b in info.pre:
-        sch.compute_at(b, plane, preserve_unit_loops=True)
-        lps = sch.get_loops(b)
-        # The copy's rows are the padded width (e.g. 114): vectorize its divisor.
-        sch.vectorize(lps[-1])
+        base.pad_in_task(sch, b, plane)
     return sch
