@@ -148,6 +148,21 @@ def test_conv2d_copies_its_input_only_to_pad_it(kernel, padding, copy_kept):
     np.testing.assert_allclose(got, _conv_ref(x, w, 1, padding), rtol=RTOL, atol=1e-4)
 
 
+def test_deep_pointwise_conv_streams_its_weights_in_chunks():
+    """A 1x1 conv with an f-tile per task (each tile's weights > 32 KiB) walks the reduction
+    in chunks of ~10 KiB of weights, each applied to the whole tile of pixels, the partial
+    sums in an accumulator for the whole f-tile: 7x7 pixels x 32 channels."""
+    x = rng.standard_normal((1, 320, 7, 7), dtype=np.float32)
+    w = rng.standard_normal((128, 320, 1, 1), dtype=np.float32)
+    body = lambda bb, xv: relax.op.nn.relu(relax.op.nn.conv2d(xv, relax.const(w)))  # noqa: E731
+    text = _script(_schedule_one(_fuse(_build_relax([("x", x.shape)], body)), "Conv2dNCHW"))
+    # chunk (4 x 80 channels) outside the pixel loops (7 rows x 1 tile), channels inside
+    loops = "for rc_0, yy, xx_0, rc_1, ry, rx in T.grid(T.int64(4), T.int64(7), T.int64(1), T.int64(80)"
+    assert loops in text, text
+    got = _run_module(_fuse(_build_relax([("x", x.shape)], body)), [x])
+    np.testing.assert_allclose(got, np.maximum(_conv_ref(x, w, 1, 0), 0), rtol=RTOL, atol=1e-4)
+
+
 def test_conv2d_rule_runtime_weight_oihw():
     """A non-constant weight keeps OIHW; the rule must still be correct."""
     x = rng.standard_normal((1, 8, 10, 10), dtype=np.float32)

@@ -42,7 +42,7 @@ def _first_call(func: relax.Function):
     return None
 
 
-def _reads_blocked_input(func: relax.Function, lanes: int) -> bool:
+def _reads_blocked_input(func: relax.Function, lanes: int, producer_vectorizes_pixels: bool) -> bool:
     """A one-input kernel whose first op is a float32 depthwise conv (one channel per group,
     channels a multiple of ``lanes``) of that input."""
     if len(func.params) != 1:
@@ -57,12 +57,15 @@ def _reads_blocked_input(func: relax.Function, lanes: int) -> bool:
             and int(attrs.groups) == shape[1] and shape[1] % lanes == 0
             and weight_shape is not None and weight_shape[0] == shape[1]):
         return False
-    # Wide stride-1 rows stay NCHW: their width-vectorized kernel needs no pack at all and
-    # beat the blocked one (mobilenet_v2, 2 threads: 32x112x112 0.12 vs 0.15 ms,
-    # 144x56x56 0.12 vs 0.14 ms); strided or short rows gain (96x112x112/2 0.29 -> 0.14,
-    # 960x7x7 0.037 -> 0.019, 192x28x28 0.063 -> 0.050).
+    # Strided or short rows gain most (96x112x112/2 0.29 -> 0.14, 960x7x7 0.037 -> 0.019,
+    # 192x28x28 0.063 -> 0.050 ms).  Wide stride-1 rows have a width-vectorized kernel of
+    # their own, about as fast as the blocked one (32x112x112: 0.050 vs 0.062 ms), so they
+    # take NCHW[L]c only from a producer that saves by writing it: a channel-vectorized conv,
+    # whose NCHW write-back transposes its tile (mobilenet_v2's first conv, 3 -> 32 at
+    # stride 2: 0.093 -> 0.064 ms), not a 1x1 conv with its pixel-vectorized kernel.
     out_width = static_shape(call.ty)[3]
-    return any(int(s) > 1 for s in attrs.strides) or out_width < 2 * lanes
+    strided_or_short = any(int(s) > 1 for s in attrs.strides) or out_width < 2 * lanes
+    return strided_or_short or not producer_vectorizes_pixels
 
 
 def _writes_conv_output(func: relax.Function) -> bool:
@@ -71,6 +74,15 @@ def _writes_conv_output(func: relax.Function) -> bool:
     return (call is not None and call.op.same_as(_CONV2D) and int(call.attrs.groups) == 1
             and str(call.args[0].ty.dtype) == "float32" and str(func.ret_ty.dtype) == "float32"
             and shape is not None and len(shape) == 4)
+
+
+def _vectorizes_pixels(func: relax.Function, lanes: int) -> bool:
+    """A 1x1 stride-1 conv whose output plane splits into whole vectors: conv2d.py gives it
+    the pixel-vectorized kernel, which writes NCHW for free."""
+    call, shape = _first_call(func), static_shape(func.ret_ty)
+    kernel, layout = static_shape(call.args[1].ty), str(call.attrs.kernel_layout)
+    return (kernel is not None and kernel[layout.index("H")] == kernel[layout.index("W")] == 1
+            and all(int(s) == 1 for s in call.attrs.strides) and (shape[2] * shape[3]) % lanes == 0)
 
 
 def _blocked_type(shape: list[int], lanes: int, dtype: str) -> relax.TensorType:
@@ -141,7 +153,8 @@ def _pairs(mod: tvm.IRModule, main: relax.Function, lanes: int) -> list:
         if times_called[producer] != 1 or times_called[consumer] != 1:
             continue
         if (isinstance(mod[consumer], relax.Function) and isinstance(mod[producer], relax.Function)
-                and _reads_blocked_input(mod[consumer], lanes) and _writes_conv_output(mod[producer])):
+                and _writes_conv_output(mod[producer])
+                and _reads_blocked_input(mod[consumer], lanes, _vectorizes_pixels(mod[producer], lanes))):
             pairs.append((producer, consumer))
     return pairs
 

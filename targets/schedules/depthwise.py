@@ -15,15 +15,15 @@ Short or strided rows (output width below one vector, or stride 2) starve that k
 a 7-wide row is scalar code and a stride-2 row is a gather.  Those depthwise convs (with
 channels a multiple of the vector width) take a channel-blocked variant instead
 (``_schedule_channel_blocked``): the padding copy, which runs anyway, writes the input
-packed as NCHW[16]c, the weight is repacked to (ry, rx, c) once per call, the register
+packed as NCHW[16]c, the weight is repacked to (ry, rx, c) at compile time, the register
 tile is 16 channels x up to 8 pixels of one row (one vector load + one FMA per tap and
 pixel), and the write-back transposes back to NCHW vectorized over pixels, carrying the
 epilogue.  mobilenet_v2, 1 thread: its 13 short/strided depthwise layers ~2.1 -> ~1.3 ms.
 
 When the conv before it writes NCHW[16]c (blocked.py), the channel-blocked kernel reads
-that directly: the unblocking copy is inlined into the padding copy, which then moves
-whole vectors and runs under the parallel loop, packing the input rows of a few output
-rows per task (``_rows_per_task``): no pass over memory besides the conv itself.
+that directly: the unblocking copy and the padding are both inlined, so each tap's load
+is one vector of the producer's output under a bounds check, and the kernel is a single
+pass over memory.
 """
 
 from __future__ import annotations
@@ -80,38 +80,23 @@ def _is_strided(data) -> bool:
     return any(isinstance(idx, tirx.Add) and isinstance(idx.a, tirx.Mul) for idx in data.indices[2:])
 
 
-def _rows_per_task(y_ext: int, stride: int, taps: int, row_bytes: int, budget: int = 16 << 10) -> int:
-    """Output rows per parallel task when the input rows each task reads are packed under
-    the task (blocked input): as many as keep the packed rows within ``budget`` bytes
-    (half of L1).  More rows share more input rows (a stride-1 3x3 conv packs R + 2 rows
-    for R output rows), but a pack that spills L1 cost more than it saved: 96x112x112/2
-    took 0.14 ms with 1 row per task and 0.23 ms with 4."""
-    # R rows read (R - 1) * stride + taps input rows
-    most = (budget // row_bytes - taps) // stride + 1
-    return base.largest_divisor(y_ext, max(most, 1)) or 1
-
-
-def _row_stride(data) -> int:
-    """The stride of the data load's row index ``y * stride + ry``."""
-    idx = data.indices[2]
-    return int(idx.a.b) if isinstance(idx, tirx.Add) and isinstance(idx.a, tirx.Mul) else 1
-
-
 def _read_index(block, buf) -> int:
     return next(i for i, r in enumerate(block.reads) if r.source.same_as(buf))
 
 
+def _is_param(sch, buf) -> bool:
+    return any(buf.same_as(b) for b in sch.mod["main"].params)  # (0.27: the params are buffers)
+
+
 def _schedule_channel_blocked(sch, info: base.FuncInfo, target: Target, data, weight, vec: int):
-    """Depthwise conv vectorized over ``vec`` channels (NCHW[vec]c packing in the pad copy)."""
+    """Depthwise conv vectorized over ``vec`` channels of an NCHW[vec]c input."""
     main = info.main
     block = sch.get(main)
-    _n, f_ext, y_ext, x_ext = (int(iv.dom.extent) for iv in block.iter_vars[:4])
     cores = base.num_cores(target)
-    tx = base.largest_divisor(x_ext, 8) or 1
+    tx = base.largest_divisor(int(block.iter_vars[3].dom.extent), 8) or 1
     post = base.inline_post(sch, info.post)
-    # Packed input: the padding copy (or a new copy) writes (n, c//vec, y, x, c%vec).
-    # An input that arrives blocked (blocked.py) is unblocked by a plain copy first:
-    # inlined, the padding copy reads whole channel vectors instead of gathering them.
+    # An input that arrives blocked (blocked.py) is unblocked by a plain copy first; inlined,
+    # the padding reads it as it is.  Otherwise the padding copy (or a new copy) packs it.
     blocked_in = base.reads_channel_blocked(sch, info.pre, vec)
     pre = base.inline_plain_copies(sch, info.pre) if blocked_in else info.pre
     w_idx = _read_index(block, weight.source)
@@ -120,18 +105,24 @@ def _schedule_channel_blocked(sch, info: base.FuncInfo, target: Target, data, we
     if pad is None or not sch.get(pad).writes[0].source.same_as(data.source):
         pad = sch.cache_read(main, d_idx, "global")
     sch.transform_layout(pad, ("write", 0), lambda n, c, y, x: (n, c // vec, y, x, c % vec))
+    # The weight as (rc, ry, rx, f): one vector of channels per tap.  Marked as a layout
+    # rewrite, so that for a constant weight the copy runs at compile time (build.py); per
+    # call it was a serial prologue, ~20% of a 960x7x7 layer's time.
     wc = sch.cache_read(main, w_idx, "global")
+    if _is_param(sch, weight.source):
+        sch.annotate(wc, "meta_schedule.layout_rewrite_preproc", True)
     sch.transform_layout(wc, ("write", 0), lambda f, r, y, x: (r, y, x, f))
     wb = sch.cache_write(main, 0, "local")
     sch.transform_layout(main, ("write", 0), lambda n, f, y, x: (n, y, x, f))
     n, f, y, x, rc, ry, rx = sch.get_loops(main)
     fo, fv = sch.split(f, [None, vec])
     xo, xi = sch.split(x, [None, tx])
-    rows_per_task = 1
-    if blocked_in and pad is not None:
-        rows_per_task = _rows_per_task(y_ext, _row_stride(data), int(block.iter_vars[5].dom.extent),
-                              row_bytes=int(sch.get(pad).writes[0].source.shape[3]) * vec * 4)
-    yo, yi = sch.split(y, [None, rows_per_task])
+    # Read in place, up to 8 output rows per task: 20-25% faster than one (mobilenet_v2's
+    # 144x56x56/2, 192x28x28, 960x7x7), with still 36+ tasks to share between the cores.
+    # A task that packs its input rows packs one row's worth: more spill L1 (96x112x112/2:
+    # 0.14 ms with 1 row per task, 0.23 ms with 4).
+    rows = base.largest_divisor(int(block.iter_vars[2].dom.extent), 8) if blocked_in else 1
+    yo, yi = sch.split(y, [None, rows])
     sch.reorder(n, fo, yo, yi, xo, rc, ry, rx, xi, fv)
     outer = sch.fuse(n, fo, yo)
     if cores > 1:
@@ -152,18 +143,22 @@ def _schedule_channel_blocked(sch, info: base.FuncInfo, target: Target, data, we
         sch.reverse_compute_at(b, xo, preserve_unit_loops=True)
     sch.decompose_reduction(main, rc)
     pl = sch.get_loops(pad)
-    if len(pl) == 4 and (_is_strided(data) or blocked_in):
+    if blocked_in:
+        # Already NCHW[vec]c: the padding is a bounds check on each tap's vector load, no
+        # copy at all (a copy of the rows each task reads, even from L1, took a fifth of the
+        # time: 96x112x112/2 0.076 -> 0.060 ms, 960x7x7 0.0108 -> 0.0089 ms with the weight
+        # prepacked too, 2 threads).
+        sch.compute_inline(pad)
+    elif len(pl) == 4 and _is_strided(data):
         # Strided conv: pack the input rows each output row reads right before it, under
         # the parallel row loop, instead of in a pass over the whole input. The rows stay
         # in L1 instead of making a round trip through memory as a packed copy as big as
         # the input (mobilenet_v2's 96x112x112 stride-2 layer, batch 8: 5.9 -> 2.6 ms).
         # Consecutive output rows share one input row: 1.5x the packing work at stride 2,
-        # which is why stride-1 convs (3x) keep the separate pass -- unless the input
-        # arrives blocked: then packing is a copy of whole vectors, each task packs the
-        # rows of several output rows (_rows_per_task), and no pass over memory is left.
+        # which is why stride-1 convs (3x) keep the separate pass.
         sch.compute_at(pad, outer)
-        c_in, rows, xs = sch.get_loops(pad)[-3:]
-        sch.reorder(rows, xs, c_in)
+        c_in, in_rows, xs = sch.get_loops(pad)[-3:]
+        sch.reorder(in_rows, xs, c_in)
         sch.vectorize(c_in)
     elif len(pl) == 4:
         # Pack loop order (n, c//vec, y, x, c%vec): contiguous writes, vector over c%vec.
