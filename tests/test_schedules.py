@@ -150,15 +150,19 @@ def test_conv2d_copies_its_input_only_to_pad_it(kernel, padding, copy_kept):
 
 def test_deep_pointwise_conv_streams_its_weights_in_chunks():
     """A 1x1 conv with an f-tile per task (each tile's weights > 32 KiB) walks the reduction
-    in chunks of ~10 KiB of weights, each applied to the whole tile of pixels, the partial
-    sums in an accumulator for the whole f-tile: 7x7 pixels x 32 channels."""
+    in chunks of ~10 KiB of weights, each applied to the whole tile of pixels (the partial
+    sums in an accumulator for the whole f-tile: 7x7 pixels x 32 channels), and the row
+    loop prefetches the next chunk: 80 x 32 floats ahead, 23 lines per row over 7 rows."""
     x = rng.standard_normal((1, 320, 7, 7), dtype=np.float32)
     w = rng.standard_normal((128, 320, 1, 1), dtype=np.float32)
     body = lambda bb, xv: relax.op.nn.relu(relax.op.nn.conv2d(xv, relax.const(w)))  # noqa: E731
     text = _script(_schedule_one(_fuse(_build_relax([("x", x.shape)], body)), "Conv2dNCHW"))
     # chunk (4 x 80 channels) outside the pixel loops (7 rows x 1 tile), channels inside
-    loops = "for rc_0, yy, xx_0, rc_1, ry, rx in T.grid(T.int64(4), T.int64(7), T.int64(1), T.int64(80)"
-    assert loops in text, text
+    assert "for rc_0 in range(T.int64(4)):" in text, text
+    rows = next(ln.strip() for ln in text.splitlines() if ln.strip().startswith("for yy in"))
+    assert rows.endswith('annotations={"graphopt.prefetch": ["param_0_global", 2560, 23, 7, 3]}):'), rows
+    assert "for xx_0, rc_1, ry, rx in T.grid(T.int64(1), T.int64(80)" in text
+    assert text.count("graphopt.prefetch") == 1  # not on the accumulator's init loops
     got = _run_module(_fuse(_build_relax([("x", x.shape)], body)), [x])
     np.testing.assert_allclose(got, np.maximum(_conv_ref(x, w, 1, 0), 0), rtol=RTOL, atol=1e-4)
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.target import Target
 
+from .. import prefetch
 from . import base
 
 
@@ -88,7 +89,7 @@ def _is_hwio(block, weight) -> bool:
     return all(i.same_as(v) for i, v in zip(weight.indices, want))
 
 
-def _prepack_weight(sch, main, weight, fi: int) -> None:
+def _prepack_weight(sch, main, weight, fi: int) -> str:
     """Read the weight as ``[F / fi, C, KH, KW, fi]``: the order the kernel walks it.
 
     Read as HWIO, one f-tile's taps are C*F*4 bytes apart
@@ -101,11 +102,13 @@ def _prepack_weight(sch, main, weight, fi: int) -> None:
     w_idx = _read_index(sch.get(main), weight)
     packed = sch.cache_read(main, w_idx, "global")
     sch.annotate(packed, "meta_schedule.layout_rewrite_preproc", True)
+    name = sch.get(packed).writes[0].source.name
     ivs = [v.var for v in sch.get(main).iter_vars]
     rc, ry, rx, f = (next(j for j, idx in enumerate(weight.indices) if idx.same_as(v))
                      for v in (ivs[4], ivs[5], ivs[6], ivs[1]))
     sch.transform_layout(main, ("read", w_idx),
                          lambda *i: (i[f] // fi, i[rc], i[ry], i[rx], i[f] % fi))
+    return name
 
 
 def _unit_index(expr, var, rvar) -> bool:
@@ -122,10 +125,10 @@ def _channel_tile(f_ext: int, lanes: int) -> int:
     return base.register_tile(f_ext, lanes, lanes // 4) or (2 if f_ext % 2 == 0 else 1)
 
 
-def _reduction_chunk(c_ext: int, fi: int, budget: int = 10 << 10) -> int:
-    """Input channels per step of a 1x1 conv's streamed reduction: ``budget`` bytes of
-    weights, or 0 when that is all of them."""
-    chunk = base.largest_divisor(c_ext, max(budget // (fi * 4), 1))
+def _reduction_chunk(c_ext: int, per_channel: int, budget: int = 10 << 10) -> int:
+    """Input channels per step of a streamed reduction (``per_channel`` weights each):
+    ``budget`` bytes of weights, or 0 when that is all of them."""
+    chunk = base.largest_divisor(c_ext, max(budget // (per_channel * 4), 1))
     return chunk if chunk < c_ext else 0
 
 
@@ -272,13 +275,17 @@ class Conv2dNCHW(base.CPURule):
         # on 2 cores would leave one idle a fifth of the time).
         per_tile = (f_blocks >= 2 * cores and f_blocks % cores == 0
                     and c_ext * kh * kw * fi * 4 > (32 << 10))
-        # A 1x1 conv with an f-tile per task streams its weights: the reduction walks them in
-        # chunks of ~10 KiB, each applied to every pixel of the tile while it is in L1, the
-        # partial sums kept in the (L1) accumulator of the whole f-tile.  Row by row, each
-        # row re-read all of the f-tile's weights, 40 KiB for 320 -> 1280 at 7x7, which do
-        # not stay in L1 next to the input: 0.114 -> 0.087 ms (mobilenet_v2's last conv,
-        # 2 threads).  Not 3x3 convs: their chunks made resnet18's stride-2 convs slower.
-        chunk = _reduction_chunk(c_ext, fi) if per_tile and kh == kw == 1 else 0
+        # Per-tile convs stream their (packed, contiguous) weights: the reduction walks them
+        # in chunks of ~10 KiB, each applied to every row of the tile while it is in L1, the
+        # partial sums in an (L1) accumulator of the whole f-tile, and the next chunk is
+        # prefetched over those rows (prefetch.py).  Row by row, every row re-read the whole
+        # tile (40 KiB for 320 -> 1280 at 7x7, 590 KiB for resnet18's 512-channel 3x3),
+        # which L1 does not hold, and the first row of each tile waited on memory for it:
+        # with cold weights, as they are in a whole network, mobilenet_v2's last conv took
+        # 0.25 ms (one thread), 0.19 chunked and prefetched, and resnet18's 512-channel
+        # convs 0.56 -> 0.46 ms (two threads); warm, within a few percent.
+        hwio = _is_hwio(sch.get(main), weight)
+        chunk = _reduction_chunk(c_ext, kh * kw * fi) if per_tile and hwio else 0
         if chunk:
             rco, rci = sch.split(rc, [None, chunk])
             sch.reorder(n, fo, rco, y, xo, rci, ry, rx, xi, fv)
@@ -290,8 +297,7 @@ class Conv2dNCHW(base.CPURule):
         else:
             outer = sch.fuse(n, fo, y)
         sch.parallel(outer)
-        if _is_hwio(sch.get(main), weight):
-            _prepack_weight(sch, main, weight, fi)
+        packed = _prepack_weight(sch, main, weight, fi) if hwio else None
         sch.unroll(xi)
         sch.vectorize(fv)
 
@@ -318,6 +324,12 @@ class Conv2dNCHW(base.CPURule):
         for b in left:
             sch.reverse_compute_at(b, outer if chunk else xo, preserve_unit_loops=True)
         sch.decompose_reduction(main, rco)
+        if chunk:
+            # The next chunk (after the last, the next f-tile's first) over this one's rows;
+            # annotated last, so that the init loops decompose_reduction copies go without.
+            chunk_bytes = chunk * kh * kw * fi * 4
+            prefetch.annotate(sch, y, packed, chunk_bytes // 4,
+                              prefetch.lines_per_iteration(chunk_bytes, y_ext), y_ext)
 
         for b in pre:  # padding copies
             base.parallel_vectorize_injective(sch, b, lanes, cores)
