@@ -269,6 +269,23 @@ def test_matmul_rule_bias_relu(m):
     np.testing.assert_allclose(got, np.maximum(a @ w + bias, 0), rtol=RTOL, atol=ATOL * 10)
 
 
+def test_long_gemv_sums_two_interleaved_partial_sums():
+    """One row, K = 1280: the reduction is split (rfactor) into two interleaved partial
+    sums per column, kept in registers and added at the end of each column tile."""
+    a = rng.standard_normal((1, 1280), dtype=np.float32)
+    w = rng.standard_normal((1280, 1000), dtype=np.float32) / 30
+    bias = rng.standard_normal((1000,), dtype=np.float32)
+
+    def body(bb, av):
+        return relax.op.add(bb.emit(relax.op.matmul(av, relax.const(w))), relax.const(bias))
+
+    text = _script(_schedule_one(_fuse(_build_relax([("a", a.shape)], body)), "Matmul"))
+    assert "_rf_local = T.sblock_alloc_buffer((T.int64(2)," in text, text
+    assert "for k_0 in range(T.int64(640))" in text
+    got = _run_module(_build_relax([("a", a.shape)], body), [a])
+    np.testing.assert_allclose(got, a @ w + bias, rtol=RTOL, atol=1e-4)
+
+
 @pytest.mark.parametrize("n, transposed", [(48, False), (1000, True)])
 def test_dense_weights_are_packed_into_register_tile_panels(n, transposed):
     """A constant [K, N] weight (or the transposed [N, K] of nn.Linear) is stored as
