@@ -294,7 +294,10 @@ class Conv2dNCHW(base.CPURule):
         # 0.25 ms (one thread), 0.19 chunked and prefetched, and resnet18's 512-channel
         # convs 0.56 -> 0.46 ms (two threads); warm, within a few percent.
         hwio = _is_hwio(sch.get(main), weight)
-        chunk = _reduction_chunk(c_ext, kh * kw * fi) if per_tile and hwio else 0
+        # (Only while the tile's sums fit in L1: 28x28 x 32 channels would round-trip to L2
+        # once per chunk.)
+        acc_in_l1 = y_ext * x_ext * fi * 4 <= (32 << 10)
+        chunk = _reduction_chunk(c_ext, kh * kw * fi) if per_tile and hwio and acc_in_l1 else 0
         if chunk:
             rco, rci = sch.split(rc, [None, chunk])
             sch.reorder(n, fo, rco, y, xo, rci, ry, rx, xi, fv)
