@@ -51,16 +51,15 @@ def lines_per_iteration(region_bytes: int, iterations: int) -> int:
 
 # TVM 0.27 exposes no TIR visitor/mutator to Python: these walk the few node kinds that
 # lowered CPU kernels contain (statements are flat: LetStmt and DeclBuffer have no body).
-_CONTAINERS = (tirx.For, tirx.SeqStmt, tirx.AttrStmt, tirx.IfThenElse, tirx.While)
-
-
 def _children(node) -> list:
     if isinstance(node, tirx.SeqStmt):
         return list(node.seq)
     if isinstance(node, tirx.For):
         return [node.min, node.extent, node.body]
-    if isinstance(node, (tirx.AttrStmt, tirx.While)):
-        return [getattr(node, "value", None) or getattr(node, "condition", None), node.body]
+    if isinstance(node, tirx.AttrStmt):
+        return [node.value, node.body]
+    if isinstance(node, tirx.While):
+        return [node.condition, node.body]
     if isinstance(node, tirx.IfThenElse):
         return [node.condition, node.then_case, node.else_case]
     if isinstance(node, tirx.BufferStore):
