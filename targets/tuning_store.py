@@ -5,6 +5,7 @@ Layout of a database folder (``Tune(db=PATH)``)::
     PATH/<target-key>/database_workload.json       one workload (a TIR PrimFunc) per line
     PATH/<target-key>/database_tuning_record.json  one measured schedule per line: [workload line, record]
     PATH/<target-key>/tasks_done.json              [workload hash, per-task budget] of finished runs
+    PATH/<target-key>/rule_baselines.json          [workload hash, mean seconds] of graphopt's rule schedule
     PATH/<target-key>/target.json                  the target these records were measured on
     PATH/<target-key>/.lock                        the flock that serialises writers
 
@@ -45,6 +46,7 @@ RECORD_FILE = "database_tuning_record.json"
 TARGET_FILE = "target.json"
 LOCK_FILE = ".lock"
 DONE_FILE = "tasks_done.json"
+BASELINE_FILE = "rule_baselines.json"
 
 
 def target_key(target_json: dict[str, Any]) -> str:
@@ -204,6 +206,18 @@ class TuningStore:
         for shash, share in lines:
             done[int(shash)] = max(done.get(int(shash), 0), int(share))
         return done
+
+    def rule_baselines(self) -> dict[int, float]:
+        """Workload hash -> mean measured seconds of graphopt's rule schedule for it."""
+        with self.locked():
+            lines = self._read_lines(os.path.join(self.path, BASELINE_FILE))
+        return {int(shash): float(secs) for shash, secs in lines}
+
+    def add_rule_baselines(self, secs_by_hash: dict[int, float]) -> None:
+        if secs_by_hash:
+            with self.locked():
+                _append_line(os.path.join(self.path, BASELINE_FILE),
+                             "\n".join(json.dumps([h, s]) for h, s in secs_by_hash.items()))
 
     def mark_done(self, shashes: list[int], share: int) -> None:
         if shashes:

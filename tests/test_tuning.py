@@ -341,3 +341,39 @@ def test_rule_baseline_of_a_prepacked_conv_is_measured(tmp_path):
     assert tune.log.best_ms is not None  # None when a task's only record is a failed measurement
     with torch.no_grad():
         torch.testing.assert_close(module(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_rule_baselines_are_kept_and_a_tuned_kernel_must_beat_them_by_a_margin(tuned):
+    """The rule schedule's time of each task is stored apart (rule_baselines.json); a tuned
+    record replaces the rule's schedule only when it is RULE_MARGIN faster."""
+    from tvm import te
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir import Schedule
+
+    from graphopt.targets import tuning
+    from graphopt.targets.registry import resolve_target
+    from graphopt.targets.tuning_store import TuningStore
+
+    _model, _x, db, _log, _module = tuned
+    spec = resolve_target("x86")
+    assert TuningStore(db, spec.to_json()).rule_baselines()  # written by the tuned compile
+
+    a = te.placeholder((8, 8), name="a")
+    func = te.create_prim_func([a, te.compute((8, 8), lambda i, j: a[i, j] * 2, name="b")])
+    workload_mod = tvm_module(func)
+    tuner = tuning._Tuner(spec, Tune(db=db))
+    target = spec.tvm_target()
+    workload = tuner.database.commit_workload(workload_mod)
+    trace = Schedule(workload_mod).trace
+    key = tuning._hash_mod(workload_mod)
+    for baseline_secs, kept in ((1.05e-6, False), (1.2e-6, True)):
+        tuner.database.commit_tuning_record(ms.database.TuningRecord(trace, workload, [1.0e-6], target, None))
+        tuner.rule_baselines = {key: baseline_secs}
+        applied = tuner.database_to_apply().get_all_tuning_records()
+        assert (len(applied) == 1) == kept, (baseline_secs, applied)
+
+
+def tvm_module(func):
+    import tvm
+
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
