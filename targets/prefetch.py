@@ -36,12 +36,12 @@ PREFETCH = "graphopt.prefetch"
 CACHE_LINE = 64
 
 
-def annotate(sch, loop, weight_name: str, ahead: int, lines: int, period: int, to_l1: bool = True) -> None:
-    """Mark ``loop`` to prefetch ``lines`` cache lines of ``weight_name`` per iteration,
-    ``ahead`` elements past what the iteration reads, cycling every ``period`` iterations;
-    into L1, or only into L2 for regions L1 could not hold next to the current one."""
+def annotate(sch, loop, weight_name: str, ahead: int, lines: int, period: int) -> None:
+    """Mark ``loop`` to prefetch ``lines`` cache lines of ``weight_name`` per iteration into
+    L1 (the annotation's last field, LLVM's locality 3), ``ahead`` elements past what the
+    iteration reads, cycling every ``period`` iterations."""
     if lines > 0 and period > 0:
-        sch.annotate(loop, PREFETCH, [weight_name, int(ahead), int(lines), int(period), 3 if to_l1 else 2])
+        sch.annotate(loop, PREFETCH, [weight_name, int(ahead), int(lines), int(period), 3])
 
 
 def lines_per_iteration(region_bytes: int, iterations: int) -> int:

@@ -43,7 +43,7 @@ from typing import Any
 
 from graphopt.errors import TuningError
 from graphopt.targets.registry import TargetSpec
-from graphopt.targets.tuning_store import TuningStore
+from graphopt.targets.tuning_store import TuningStore, mean_seconds
 
 # TVM is imported inside the functions: ``graphopt.Tune`` must not cost TVM's import.
 
@@ -188,11 +188,11 @@ class _Tuner:
             if not rec.run_secs:
                 continue
             h = _hash_mod(rec.workload.mod)
-            if h not in best or _mean(rec.run_secs) < _mean(best[h].run_secs):
+            if h not in best or mean_seconds(rec.run_secs) < mean_seconds(best[h].run_secs):
                 best[h] = rec
         for h, rec in best.items():
             baseline = self.rule_baselines.get(h)
-            if baseline is not None and _mean(rec.run_secs) * (1 + RULE_MARGIN) > baseline:
+            if baseline is not None and mean_seconds(rec.run_secs) * (1 + RULE_MARGIN) > baseline:
                 continue
             workload = chosen.commit_workload(rec.workload.mod)
             chosen.commit_tuning_record(ms.database.TuningRecord(rec.trace, workload, rec.run_secs,
@@ -233,7 +233,7 @@ class _Tuner:
                     fresh = [i for i in todo if counts[i] == 0]
                     baselines = self._measure_rule_baselines([tasks[i] for i in fresh], target, builder, runner)
                     progress.add(baselines)
-                    store.add_rule_baselines({_hash_mod(r.workload.mod): _mean(r.run_secs) for r in baselines})
+                    store.add_rule_baselines({_hash_mod(r.workload.mod): mean_seconds(r.run_secs) for r in baselines})
                     counts = self._record_counts(tasks)
                 remaining = {i: share - counts[i] for i in todo if counts[i] < share}
                 if remaining:
@@ -355,10 +355,6 @@ def _rule_schedule(workload: Any, target: Any):
         if sch is not None:
             return sch[0] if isinstance(sch, list) else sch
     return None
-
-
-def _mean(run_secs) -> float:
-    return sum(float(t) for t in run_secs) / len(run_secs) if run_secs else float("inf")
 
 
 def _hash_mod(mod: Any) -> int:

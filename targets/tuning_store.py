@@ -225,12 +225,16 @@ class TuningStore:
                 _append_line(os.path.join(self.path, DONE_FILE), "\n".join(json.dumps([h, share]) for h in shashes))
 
 
-def _mean_seconds(record_body: Any) -> float:
-    """Mean measured run time of a stored record (a failed measurement has none: infinite)."""
-    run_secs = record_body[1] if len(record_body) > 1 else None
+def mean_seconds(run_secs) -> float:
+    """Mean of a record's measured run times (a failed measurement has none: infinite)."""
     if not run_secs:
         return float("inf")
     return sum(float(t) for t in run_secs) / len(run_secs)
+
+
+def _mean_seconds(record_body: Any) -> float:
+    """Mean measured run time of a stored record."""
+    return mean_seconds(record_body[1] if len(record_body) > 1 else None)
 
 
 def _record_json(record: Any) -> Any:

@@ -313,7 +313,10 @@ class Conv2dNCHW(base.CPURule):
         sch.unroll(xi)
         sch.vectorize(fv)
 
-        sch.reverse_compute_at(wb, outer if chunk else xo, preserve_unit_loops=True)
+        # A chunked reduction's sums are complete only after the last chunk: write them back
+        # per task; otherwise per register tile.
+        wb_at = outer if chunk else xo
+        sch.reverse_compute_at(wb, wb_at, preserve_unit_loops=True)
         left = base.fuse_epilogue(sch, wb, post)
         # Write-back loops: channel outer, width inner -> contiguous NCHW stores.
         wb_loops = sch.get_loops(wb)[-4:]
@@ -334,7 +337,7 @@ class Conv2dNCHW(base.CPURule):
             except Exception:  # noqa: BLE001
                 pass
         for b in left:
-            sch.reverse_compute_at(b, outer if chunk else xo, preserve_unit_loops=True)
+            sch.reverse_compute_at(b, wb_at, preserve_unit_loops=True)
         sch.decompose_reduction(main, rco)
         if chunk:
             # The next chunk (after the last, the next f-tile's first) over this one's rows;
