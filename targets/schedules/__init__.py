@@ -38,6 +38,7 @@ from tvm import relax, tirx
 from .base import is_scheduled, num_cores, simd_lanes
 from .blocked import block_depthwise_inputs
 from .conv2d import Conv2dNCHW
+from .conv_depthwise import ConvThenDepthwise
 from .depthwise import DepthwiseConv2dNCHW
 from .elementwise import Fallback, Injective
 from .int8 import Int8DotProduct, int8_layout_passes
@@ -61,6 +62,7 @@ _log = logging.getLogger(__name__)
 RULES = [
     Int8DotProduct(),
     WinogradConv2d(),
+    ConvThenDepthwise(),
     Conv2dNCHW(),
     DepthwiseConv2dNCHW(),
     Matmul(),

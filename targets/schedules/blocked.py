@@ -19,6 +19,12 @@ use, and
   the padding copy, so the pack becomes a row copy of whole vectors.
 
 The tensor between the two kernels changes layout; nothing else in the graph does.
+
+When that tensor is too big to stay in a core's L2 between the two kernels (``L2_BYTES``)
+and the producer is a plain dense conv, the pair becomes one kernel function instead (the
+producer's body, then the consumer's): each depthwise task computes the rows it reads
+(conv_depthwise.py).  Any producer qualifies then, pixel-vectorized or not: the blocked
+tensor is the task's own scratch.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from .layout import static_shape
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+# A core's L2 on the machines we tune for (Zen 4/5, Sapphire Rapids: 1-2 MiB; Cortex-A72: 1 MiB shared).
+L2_BYTES = 1 << 20
 
 
 def _first_call(func: relax.Function):
@@ -120,24 +128,62 @@ def _uses(main: relax.Function) -> Counter:
     return Counter(var for value in values for var in relax.analysis.free_vars(value))
 
 
+def _worth_fusing(producer: relax.Function) -> bool:
+    """A dense conv (one input, NCHW data, HWIO weight) whose output would not stay in a
+    core's L2 between two kernels: computed inside each depthwise task instead, it never
+    leaves L2 (conv_depthwise.py).  Smaller tensors gain nothing: mobilenet_v2's 192x28x28
+    (0.6 MB) ran as fast chained as apart, and 960x7x7 slower chained, where the separate
+    conv streams its weights better (0.048 vs 0.041 ms)."""
+    call, shape = _first_call(producer), static_shape(producer.ret_ty)
+    if shape is None or 4 * shape[0] * shape[1] * shape[2] * shape[3] < L2_BYTES:
+        return False
+    return (call is not None and len(producer.params) == 1 and str(call.attrs.data_layout) == "NCHW"
+            and str(call.attrs.kernel_layout) == "HWIO" and static_shape(call.args[0].ty) is not None)
+
+
+def _chained(producer: relax.Function, consumer: relax.Function) -> relax.Function:
+    """One kernel function: ``producer``'s body, then ``consumer``'s with its parameter bound
+    to ``producer``'s result."""
+    link = relax.BindingBlock([relax.VarBinding(consumer.params[0], producer.body.body)])
+    body = _typed(relax.SeqExpr([*producer.body.blocks, link, *consumer.body.blocks], consumer.body.body))
+    return relax.Function(producer.params, body, consumer.ret_ty, producer.is_pure, producer.attrs)
+
+
 @mutator
 class _RetargetCalls(PyExprMutator):
     """Re-emits ``main`` with calls to replaced kernels pointing at their new versions (the
-    binding variables pick up the new struct info on the way)."""
+    binding variables pick up the new struct info on the way).  ``merged`` maps a consumer
+    kernel to (its producer, the chained kernel): the producer's call is dropped and the
+    consumer's becomes a call of the chain on the producer's arguments."""
 
-    def __init__(self, mod: tvm.IRModule, replacements: dict):
+    def __init__(self, mod: tvm.IRModule, replacements: dict, merged: dict | None = None):
         super().__init__(mod)
         self.new_gvs = {old: self.builder_.add_func(func, old.name_hint) for old, func in replacements.items()}
+        merged = merged or {}
+        self.chains = {consumer: self.builder_.add_func(func, f"{producer.name_hint}_{consumer.name_hint}")
+                       for consumer, (producer, func) in merged.items()}
+        self.chain_producers = {producer for producer, _ in merged.values()}
+        self.dropped = {}  # producer binding var -> its call's arguments
+
+    def visit_var_binding_(self, binding):  # noqa: N802 - PyExprMutator naming
+        value = binding.value
+        if isinstance(value, relax.Call) and isinstance(value.op, relax.GlobalVar) and value.op in self.chain_producers:
+            self.dropped[binding.var] = value.args
+            return
+        super().visit_var_binding_(binding)
 
     def visit_call_(self, call):  # noqa: N802 - PyExprMutator naming
+        if isinstance(call.op, relax.GlobalVar) and call.op in self.chains:
+            return relax.Call(self.chains[call.op], [self.visit_expr(arg) for arg in self.dropped[call.args[0]]])
         new_gv = self.new_gvs.get(call.op) if isinstance(call.op, relax.GlobalVar) else None
         if new_gv is None:
             return super().visit_call_(call)
         return relax.Call(new_gv, [self.visit_expr(arg) for arg in call.args])
 
 
-def _pairs(mod: tvm.IRModule, main: relax.Function, lanes: int) -> list:
-    """(producer, consumer) kernel GlobalVars connected by a tensor nothing else reads."""
+def _pairs(mod: tvm.IRModule, main: relax.Function, lanes: int, fuse: bool) -> list:
+    """(producer, consumer, chain) for kernels connected by a tensor nothing else reads, where
+    the consumer gains from reading it NCHW[lanes]c; ``chain``: the two become one kernel."""
     uses = _uses(main)
     calls = [b for block in main.body.blocks for b in block.bindings
              if isinstance(b.value, relax.Call) and isinstance(b.value.op, relax.GlobalVar)]
@@ -152,15 +198,19 @@ def _pairs(mod: tvm.IRModule, main: relax.Function, lanes: int) -> list:
         producer = producer_of[args[0]]
         if times_called[producer] != 1 or times_called[consumer] != 1:
             continue
-        if (isinstance(mod[consumer], relax.Function) and isinstance(mod[producer], relax.Function)
-                and _writes_conv_output(mod[producer])
-                and _reads_blocked_input(mod[consumer], lanes, _vectorizes_pixels(mod[producer], lanes))):
-            pairs.append((producer, consumer))
+        if not (isinstance(mod[consumer], relax.Function) and isinstance(mod[producer], relax.Function)
+                and _writes_conv_output(mod[producer])):
+            continue
+        # Chained, the tensor between them is the task's own scratch: any producer will do.
+        chain = fuse and _worth_fusing(mod[producer]) and _reads_blocked_input(mod[consumer], lanes, False)
+        if chain or _reads_blocked_input(mod[consumer], lanes, _vectorizes_pixels(mod[producer], lanes)):
+            pairs.append((producer, consumer, chain))
     return pairs
 
 
-def block_depthwise_inputs(lanes: int) -> tvm.transform.Pass:
-    """Module pass: producer -> depthwise kernel pairs exchange NCHW[lanes]c (module doc)."""
+def block_depthwise_inputs(lanes: int, fuse: bool = True) -> tvm.transform.Pass:
+    """Module pass: producer -> depthwise kernel pairs exchange NCHW[lanes]c (module doc);
+    with ``fuse``, pairs worth it become one kernel (``_worth_fusing``)."""
 
     @tvm.transform.module_pass(opt_level=0, name="graphopt.BlockDepthwiseInputs")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -168,17 +218,21 @@ def block_depthwise_inputs(lanes: int) -> tvm.transform.Pass:
         if not mains or not isinstance(mod[mains[0]], relax.Function):
             return mod
         main_gv = mains[0]
-        pairs = _pairs(mod, mod[main_gv], lanes)
+        pairs = _pairs(mod, mod[main_gv], lanes, fuse)
         if not pairs:
             return mod
-        replacements = {}
-        for producer, consumer in pairs:
-            replacements[producer] = _with_blocked_output(mod[producer], lanes)
-            replacements[consumer] = _with_blocked_input(mod[consumer], lanes)
+        replacements, merged = {}, {}
+        for producer, consumer, chain in pairs:
+            blocked_out = _with_blocked_output(mod[producer], lanes)
+            blocked_in = _with_blocked_input(mod[consumer], lanes)
+            if chain:
+                merged[consumer] = (producer, _chained(blocked_out, blocked_in))
+            else:
+                replacements[producer], replacements[consumer] = blocked_out, blocked_in
         # The replaced kernels leave first, so their new versions keep their names.
-        kept = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv not in replacements},
-                            attrs=mod.attrs)
-        rewriter = _RetargetCalls(kept, replacements)
+        gone = set(replacements) | set(merged) | {p for p, _ in merged.values()}
+        kept = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv not in gone}, attrs=mod.attrs)
+        rewriter = _RetargetCalls(kept, replacements, merged)
         rewriter.builder_.update_func(main_gv, rewriter.visit_expr(mod[main_gv]))
         return rewriter.builder_.get()
 

@@ -88,7 +88,8 @@ def _is_param(sch, buf) -> bool:
     return any(buf.same_as(b) for b in sch.mod["main"].params)  # (0.27: the params are buffers)
 
 
-def _schedule_channel_blocked(sch, info: base.FuncInfo, target: Target, data, weight, vec: int):
+def _schedule_channel_blocked(sch, info: base.FuncInfo, target: Target, data, weight, vec: int,
+                              max_rows: int = 8):
     """Depthwise conv vectorized over ``vec`` channels of an NCHW[vec]c input."""
     main = info.main
     block = sch.get(main)
@@ -122,7 +123,7 @@ def _schedule_channel_blocked(sch, info: base.FuncInfo, target: Target, data, we
     # 144x56x56/2, 192x28x28, 960x7x7), with still 36+ tasks to share between the cores.
     # A task that packs its input rows packs one row's worth: more spill L1 (96x112x112/2:
     # 0.14 ms with 1 row per task, 0.23 ms with 4).
-    rows = base.largest_divisor(int(block.iter_vars[2].dom.extent), 8) if blocked_in else 1
+    rows = base.largest_divisor(int(block.iter_vars[2].dom.extent), max_rows) if blocked_in else 1
     yo, yi = sch.split(y, [None, rows])
     sch.reorder(n, fo, yo, yi, xo, rc, ry, rx, xi, fv)
     outer = sch.fuse(n, fo, yo)
