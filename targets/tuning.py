@@ -298,11 +298,16 @@ class _Tuner:
                     population_size=self.tune.population,
                     init_min_unmeasured=min(50, self.tune.population // 2)))
             _quiet_loggers()
+            # Round robin, not MetaSchedule's gradient scheduler: that one collects no result
+            # until it has searched every task once, so the records of a run with a few trials
+            # per task all waited in memory until its end.  Round robin collects each batch at
+            # its next step (the runner returns it measured: remote.MeasureInTurn); every task
+            # gets its own share of trials either way (max_trials_per_task).
             ms.tune.tune_tasks(
                 tasks=contexts, task_weights=weights, work_dir=work_dir,
                 max_trials_global=sum(remaining), max_trials_per_task=max(remaining),
                 num_trials_per_iter=self.tune.trials_per_iter, builder=builder, runner=runner,
-                database=self.database, task_scheduler="gradient",
+                database=self.database, task_scheduler="round-robin",
                 measure_callbacks=[ms.measure_callback.AddToDatabase(), progress.callback(),
                                    ms.measure_callback.RemoveBuildArtifact(), ms.measure_callback.UpdateCostModel()])
         finally:

@@ -124,6 +124,35 @@ _TUNE_SCRIPT = textwrap.dedent("""
 """)
 
 
+def test_each_batch_is_on_disk_before_the_next_is_measured(tmp_path, monkeypatch):
+    """Also while the search is still on its first pass over the tasks (MetaSchedule's
+    gradient scheduler kept every result of that pass in memory until its end)."""
+    from graphopt.targets import remote
+
+    db = str(tmp_path / "db")
+    on_disk, measured = [], []
+    measure = remote.MeasureInTurn._cls.run  # the Python class behind TVM's object
+
+    def run(self, inputs):
+        paths = glob.glob(os.path.join(db, "*", "database_tuning_record.json"))
+        on_disk.append(len(record_lines(db)) if paths else 0)
+        measured.append(len(inputs))
+        return measure(self, inputs)
+
+    monkeypatch.setattr(remote.MeasureInTurn._cls, "run", run)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 48),
+                                torch.nn.Tanh(), torch.nn.Linear(48, 8)).eval()
+    tune = Tune(trials=12, db=db, **SMALL)
+    graphopt.compile(model, "x86", (torch.randn(2, 32),), tune=tune)
+    assert tune.log.tasks == 3
+    assert measured[0] == 3  # the rule baselines, one batch
+    searched = [i for i, n in enumerate(measured) if n]
+    assert len(searched) >= 4  # the baselines and at least one batch per task
+    for i in searched:
+        assert on_disk[i] >= sum(measured[:i]), (on_disk, measured)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_without_remeasuring(tmp_path):
     db, trials = str(tmp_path / "db"), 8
