@@ -118,8 +118,12 @@ class CompiledModule:
             self._local.vm = vm
         return vm
 
+    @functools.cached_property
+    def _on_cpu(self) -> bool:
+        return self._device.dlpack_device_type() == 1  # kDLCPU
+
     def __call__(self, *inputs: Any) -> Any:
-        on_cpu = self._device.dlpack_device_type() == 1  # kDLCPU
+        on_cpu = self._on_cpu
         if on_cpu:  # tensors cross into TVM without a copy
             args, as_torch = self._cpu_args(inputs)
         else:
@@ -131,12 +135,17 @@ class CompiledModule:
         if as_torch and on_cpu:
             import torch
 
-            # DLPack hands the VM's fresh output buffer to torch (no copy); torch's reference
-            # keeps it alive and the VM allocates a new one on the next call. Outputs that are
-            # not fresh (a constant, an input passed through) are copied: handing them out
-            # would let the caller's in-place edits reach the module or the inputs.
-            outs = [torch.from_dlpack(r) for r in results]
-            outs = [o.clone() if i in self._shared_outputs else o for i, o in enumerate(outs)]
+            # The VM's fresh output buffers go to torch without a copy; torch's reference keeps
+            # them alive and the VM allocates new ones on the next call. Called with torch
+            # tensors, tvm-ffi already returns torch tensors (DLPack's C exchange API):
+            # converting them again cost 7 us a call, more than the whole MLP's kernels.
+            # Outputs that are not fresh (a constant, an input passed through) are copied:
+            # handing them out would let the caller's in-place edits reach the module or the
+            # inputs.
+            outs = [r if isinstance(r, torch.Tensor) else torch.from_dlpack(r) for r in results]
+            shared = self._shared_outputs
+            if shared:
+                outs = [o.clone() if i in shared else o for i, o in enumerate(outs)]
         else:
             outs = [r.numpy() for r in results]
             if as_torch:
