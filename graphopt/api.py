@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from graphopt.capture import capture
+from graphopt.errors import CompilationError
 from graphopt.graph import Graph
 from graphopt.instruments import IRDumpInstrument, TimingInstrument, VerifyInstrument
 from graphopt.pipeline import Instrument, Pipeline
@@ -91,7 +92,13 @@ def compile(model: "torch.nn.Module | Graph", target: Any = "x86", example_input
         from graphopt.targets.tuning import tuning_passes
 
         extra_passes = tuning_passes(mod, spec, tune, fusion=fusion)
-    executable = build(mod, spec, fusion=fusion, schedules=schedules, extra_passes=extra_passes)
+    try:
+        executable = build(mod, spec, fusion=fusion, schedules=schedules, extra_passes=extra_passes)
+    except CompilationError:
+        if tune is not None and tune.log.interrupted:
+            # Ctrl-C while tuning (targets/tuning_progress.py): every measured record is saved
+            raise KeyboardInterrupt from None
+        raise
     t3 = time.perf_counter()
     manifest = {
         "format": "graphopt-artifact",

@@ -91,6 +91,7 @@ class TuningLog:
     tuning_s: float = 0.0
     best_ms: float | None = None  # estimated model latency from the best record of every task
     stopped_by_time_budget: bool = False
+    interrupted: bool = False  # Ctrl-C: stopped after the batch in flight, records kept
 
     @property
     def measured(self) -> int:
@@ -228,18 +229,22 @@ class _Tuner:
         if todo:
             builder, runner = remote.builder_for(self.spec, self.tune.rpc), remote.runner_for(self.spec, self.tune.rpc)
             progress = Progress(self, tasks, store, total=sum(share - counts[i] for i in todo), started=started)
-            try:
-                if self.tune.seed_with_rules and self.spec.is_cpu:
-                    fresh = [i for i in todo if counts[i] == 0]
-                    baselines = self._measure_rule_baselines([tasks[i] for i in fresh], target, builder, runner)
-                    progress.add(baselines)
-                    store.add_rule_baselines({_hash_mod(r.workload.mod): mean_seconds(r.run_secs) for r in baselines})
-                    counts = self._record_counts(tasks)
-                remaining = {i: share - counts[i] for i in todo if counts[i] < share}
-                if remaining:
-                    self._search([tasks[i] for i in remaining], remaining.values(), builder, runner, progress)
-            finally:
-                progress.close()
+            # Ctrl-C: what was measured is on disk, nothing is marked done, and KeyboardInterrupt
+            # is raised here, after the search has returned (tuning_progress module doc).
+            with progress.deferred_interrupt():
+                try:
+                    if self.tune.seed_with_rules and self.spec.is_cpu:
+                        fresh = [i for i in todo if counts[i] == 0]
+                        baselines = self._measure_rule_baselines([tasks[i] for i in fresh], target, builder, runner)
+                        progress.add(baselines)
+                        store.add_rule_baselines({_hash_mod(r.workload.mod): mean_seconds(r.run_secs)
+                                                  for r in baselines})
+                        counts = self._record_counts(tasks)
+                    remaining = {i: share - counts[i] for i in todo if counts[i] < share}
+                    if remaining and not progress.interrupted:
+                        self._search([tasks[i] for i in remaining], remaining.values(), builder, runner, progress)
+                finally:
+                    progress.close()
             store.mark_done([hashes[i] for i in todo], share)
         self.rule_baselines = store.rule_baselines()
         log.best_ms = estimate_ms(self.database, tasks)

@@ -4,13 +4,23 @@ MetaSchedule calls a measure callback after every batch of measurements (16 by d
 ``Progress.callback()`` is that callback: it writes the batch's records to the on-disk store
 at once (so an interrupted run loses at most the batch in flight), advances the tqdm bar —
 trials done / total, the estimated model latency from the best record of every task so far,
-and tqdm's ETA — and, past ``Tune.time_budget``, terminates every task so the search stops
-after the current batch.
+and tqdm's ETA — and, past ``Tune.time_budget`` or after Ctrl-C, terminates every task so the
+search stops after the current batch.
+
+Ctrl-C is deferred (``Progress.deferred_interrupt``): MetaSchedule's search runs in C++ and calls
+back into Python for every build, measurement and callback, and a KeyboardInterrupt raised in one
+of those callbacks crashed the process (std::terminate) instead of stopping it.  The handler only
+notes the request; the callback stops the search after the batch in flight (whose records are
+saved), and KeyboardInterrupt is raised once the search has returned.  A second Ctrl-C raises at
+once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -76,6 +86,7 @@ class Progress:
         self.tasks, self.store = tasks, store
         self.deadline = started + self.tune.time_budget if self.tune.time_budget else None
         self.bar = _Bar(total, f"tuning {len(tasks)} tasks", self.tune.progress)
+        self.interrupted = False  # Ctrl-C seen (deferred_interrupt)
 
     def _postfix(self) -> str:
         best = estimate_ms(self.database, self.tasks)
@@ -95,6 +106,34 @@ class Progress:
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.perf_counter() >= self.deadline
+
+    @contextlib.contextmanager
+    def deferred_interrupt(self):
+        """Ctrl-C inside the block sets ``interrupted`` (the search stops after its batch) and
+        raises KeyboardInterrupt when the block ends (module doc)."""
+        previous = signal.getsignal(signal.SIGINT)
+        # Only the main thread may set handlers; an ignored SIGINT (a background job) stays ignored.
+        if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+            yield
+            return
+
+        def note(signum, frame):
+            if self.interrupted:  # the second Ctrl-C: now
+                raise KeyboardInterrupt
+            self.interrupted = True
+            print("\ngraphopt: stopping after the batch being measured (Ctrl-C again to stop now)",
+                  file=sys.stderr, flush=True)
+
+        signal.signal(signal.SIGINT, note)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if self.interrupted:
+            # Crossing TVM's pass infrastructure turns this into a RuntimeError; api.compile
+            # raises KeyboardInterrupt again from the log's flag.
+            self.log.interrupted = True
+            raise KeyboardInterrupt
 
     def callback(self) -> Any:
         return _PersistRecords(self)
@@ -119,8 +158,8 @@ class _PersistRecords(ms.measure_callback.PyMeasureCallback):
             secs = [float(s) for s in res.run_secs] if res.error_msg is None and res.run_secs else [FAILED_SECS]
             records.append(ms.database.TuningRecord(cand.sch.trace, workload, secs, ctx.target, cand.args_info))
         self.progress.add(records, baseline=False)
-        if self.progress.out_of_time():
-            self.progress.log.stopped_by_time_budget = True
+        if self.progress.out_of_time() or self.progress.interrupted:
+            self.progress.log.stopped_by_time_budget = not self.progress.interrupted
             for i, task in enumerate(task_scheduler.tasks_):
                 if not task.is_terminated:
                     task_scheduler.terminate_task(i)

@@ -6,7 +6,8 @@ Specification:
   own JSONDatabase format);
 * compiling the same model again measures nothing and applies the stored records;
 * a tuning run killed mid-way keeps what it measured and the next run measures only what is
-  missing;
+  missing; every batch is on disk before the next is measured; Ctrl-C stops the search after
+  the batch in flight and raises KeyboardInterrupt (no crash);
 * two processes writing one database lose no record and never mix up workloads; a torn last
   line (a writer killed mid-append) is dropped, not fatal.
 Tiny models and a few trials keep this fast (the search itself is MetaSchedule's).
@@ -34,6 +35,12 @@ SMALL = dict(population=16, trials_per_iter=2, progress=False)
 def tiny_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU()).eval()
+
+
+def three_task_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 48),
+                               torch.nn.Tanh(), torch.nn.Linear(48, 8)).eval()
 
 
 def record_lines(db: str) -> list[list]:
@@ -140,11 +147,8 @@ def test_each_batch_is_on_disk_before_the_next_is_measured(tmp_path, monkeypatch
         return measure(self, inputs)
 
     monkeypatch.setattr(remote.MeasureInTurn._cls, "run", run)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 48),
-                                torch.nn.Tanh(), torch.nn.Linear(48, 8)).eval()
     tune = Tune(trials=12, db=db, **SMALL)
-    graphopt.compile(model, "x86", (torch.randn(2, 32),), tune=tune)
+    graphopt.compile(three_task_model(), "x86", (torch.randn(2, 32),), tune=tune)
     assert tune.log.tasks == 3
     assert measured[0] == 3  # the rule baselines, one batch
     searched = [i for i, n in enumerate(measured) if n]
@@ -179,6 +183,48 @@ def test_killed_run_resumes_without_remeasuring(tmp_path):
     assert tune.log.baselines_measured == 0  # the rule baseline was measured before the kill
     # only what was missing was measured (MetaSchedule may round up to a whole batch)
     assert trials - len(measured_before) <= tune.log.measured <= trials - len(measured_before) + SMALL["trials_per_iter"]
+
+
+_THREE_TASKS_SCRIPT = textwrap.dedent("""
+    import signal, sys, torch, graphopt
+    # as in a terminal (a background job, e.g. under CI, would start with SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.path.insert(0, {tests!r})
+    from test_tuning import three_task_model, SMALL
+    graphopt.compile(three_task_model(), "x86", (torch.randn(2, 32),),
+                     tune=graphopt.Tune(trials={trials}, db={db!r}, **SMALL))
+""")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_after_the_batch_in_flight_and_keeps_every_record(tmp_path):
+    db, trials = str(tmp_path / "db"), 12
+    script = _THREE_TASKS_SCRIPT.format(tests=os.path.dirname(__file__), trials=trials, db=db)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 300
+        # the 3 rule baselines and the first searched batch are on disk: the search is under way
+        while time.monotonic() < deadline and proc.poll() is None:
+            if glob.glob(os.path.join(db, "*", "database_tuning_record.json")) and len(record_lines(db)) >= 5:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the tuning run finished before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode in (130, -signal.SIGINT), err[-2000:]  # KeyboardInterrupt, not a crash
+    assert "KeyboardInterrupt" in err and "Segfault" not in err
+    measured_before = record_lines(db)
+    assert 5 <= len(measured_before) < trials
+
+    tune = Tune(trials=trials, db=db, **SMALL)
+    graphopt.compile(three_task_model(), "x86", (torch.randn(2, 32),), tune=tune)
+    assert record_lines(db)[:len(measured_before)] == measured_before
+    assert tune.log.records_loaded == len(measured_before) and tune.log.baselines_measured == 0
+    assert tune.log.trials_measured >= 1 and not tune.log.interrupted
 
 
 _WRITER_SCRIPT = textwrap.dedent("""
