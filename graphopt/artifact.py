@@ -138,7 +138,7 @@ class CompiledModule:
             # The VM's fresh output buffers go to torch without a copy; torch's reference keeps
             # them alive and the VM allocates new ones on the next call. Called with torch
             # tensors, tvm-ffi already returns torch tensors (DLPack's C exchange API):
-            # converting them again cost 7 us a call, more than the whole MLP's kernels.
+            # converting them again cost ~5 us a call, more than the whole MLP's kernels.
             # Outputs that are not fresh (a constant, an input passed through) are copied:
             # handing them out would let the caller's in-place edits reach the module or the
             # inputs.
