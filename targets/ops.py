@@ -6,7 +6,13 @@ in the base map every other converter (e.g. the integer ones) falls back to.
 TVM lowers ``relu`` to ``max(x, 0)`` and clamps to ``min(max(x, lo), hi)``; LLVM compiles
 those to maxnum/minnum, which return the *non*-NaN operand. PyTorch propagates NaN
 (``relu(nan) == nan``), so a NaN input would silently turn into zeros. A compare-and-select
-(``x < 0 ? 0 : x``) keeps NaN (every comparison with NaN is false) at the same cost.
+(``x < lo ? lo : x``) keeps NaN (every comparison with NaN is false). Float clamps are one TE
+kernel of such selects on the scalar values, which LLVM compiles to x86's ``maxps lo, x`` /
+``minps hi, x`` (exactly those semantics, one instruction each).  Written as Relax
+``where(less(x, lo), lo, x)`` (still the form for integer clamps) the comparison went through
+a bool tensor and the bound through a buffer, and compiled to a compare and a masked move per
+bound (mobilenet_v2's 16 -> 96 + depthwise kernel: 2125 instructions then, 1585 now; timed
+alone its small-K conv kernels are 0-5% faster, within this host's noise).
 ``clamp_min``/``clamp_max`` get the same treatment, and ``maximum``/``minimum`` (and their
 ``max.other``/``min.other`` spellings) become ``a > b or isnan(a) ? a : b``.
 The max reductions of ``max_pool1d/2d/3d`` (and ``*_with_indices``) and the full ``max``/``min``
@@ -32,6 +38,21 @@ from graphopt.targets.lower import register_converter
 def _select_clamp(importer, node: fx.Node, lo: float | None, hi: float | None) -> relax.Expr:
     x = importer.env[node.args[0]]
     dtype = str(x.ty.dtype)
+    lo = None if lo is None or math.isinf(lo) else lo
+    hi = None if hi is None or math.isinf(hi) else hi
+    if "float" in dtype and (lo is not None or hi is not None):
+        def clamp(t):
+            def value(*i):
+                v = t(*i)
+                if lo is not None:  # NaN fails both comparisons and stays (module doc)
+                    c = tirx.const(lo, dtype)
+                    v = tirx.Select(c > v, c, v)
+                if hi is not None:
+                    c = tirx.const(hi, dtype)
+                    v = tirx.Select(c < v, c, v)
+                return v
+            return te.compute(t.shape, value, name="clamp")
+        return importer.block_builder.emit_te(clamp, x)
     out = x
     if lo is not None and not math.isinf(lo):
         c = relax.const(lo, dtype)
