@@ -54,10 +54,10 @@ def _select_clamp(importer, node: fx.Node, lo: float | None, hi: float | None) -
             return te.compute(t.shape, value, name="clamp")
         return importer.block_builder.emit_te(clamp, x)
     out = x
-    if lo is not None and not math.isinf(lo):
+    if lo is not None:
         c = relax.const(lo, dtype)
         out = importer.block_builder.emit(relax.op.where(relax.op.less(out, c), c, out))
-    if hi is not None and not math.isinf(hi):
+    if hi is not None:
         c = relax.const(hi, dtype)
         out = importer.block_builder.emit(relax.op.where(relax.op.greater(out, c), c, out))
     return out

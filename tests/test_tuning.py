@@ -49,6 +49,11 @@ def record_lines(db: str) -> list[list]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def records_on_disk(db: str) -> int:
+    """How many records the database folder holds (0 before its first record)."""
+    return len(record_lines(db)) if glob.glob(os.path.join(db, "*", "database_tuning_record.json")) else 0
+
+
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     db = str(tmp_path_factory.mktemp("tuning") / "db")
@@ -123,12 +128,30 @@ def test_aarch64_target_without_rpc_says_how_to_measure(tmp_path):
 
 
 _TUNE_SCRIPT = textwrap.dedent("""
-    import sys, torch, graphopt
+    import signal, sys, torch, graphopt
+    # as in a terminal (a background job, e.g. under CI, would start with SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {tests!r})
-    from test_tuning import tiny_model, SMALL
-    graphopt.compile(tiny_model(), "x86", (torch.randn(1, 32),),
-                     tune=graphopt.Tune(trials={trials}, db={db!r}, **SMALL))
+    import test_tuning
+    graphopt.compile(test_tuning.{model}(), "x86", (torch.randn({batch}, 32),),
+                     tune=graphopt.Tune(trials={trials}, db={db!r}, **test_tuning.SMALL))
 """)
+
+
+def _tune_in_a_process(db: str, model: str, batch: int, trials: int, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    script = _TUNE_SCRIPT.format(tests=os.path.dirname(__file__), model=model, batch=batch, trials=trials, db=db)
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+
+
+def _signal_once_recorded(proc: subprocess.Popen, db: str, records: int, sig: int) -> None:
+    """Send ``sig`` to the tuning process once the database holds ``records`` records."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if records_on_disk(db) >= records:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the tuning run finished before it could be interrupted"
+    proc.send_signal(sig)
 
 
 def test_each_batch_is_on_disk_before_the_next_is_measured(tmp_path, monkeypatch):
@@ -141,8 +164,7 @@ def test_each_batch_is_on_disk_before_the_next_is_measured(tmp_path, monkeypatch
     measure = remote.MeasureInTurn._cls.run  # the Python class behind TVM's object
 
     def run(self, inputs):
-        paths = glob.glob(os.path.join(db, "*", "database_tuning_record.json"))
-        on_disk.append(len(record_lines(db)) if paths else 0)
+        on_disk.append(records_on_disk(db))
         measured.append(len(inputs))
         return measure(self, inputs)
 
@@ -160,16 +182,9 @@ def test_each_batch_is_on_disk_before_the_next_is_measured(tmp_path, monkeypatch
 @pytest.mark.slow
 def test_killed_run_resumes_without_remeasuring(tmp_path):
     db, trials = str(tmp_path / "db"), 8
-    script = _TUNE_SCRIPT.format(tests=os.path.dirname(__file__), trials=trials, db=db)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _tune_in_a_process(db, "tiny_model", 1, trials)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            if glob.glob(os.path.join(db, "*", "database_tuning_record.json")) and len(record_lines(db)) >= 3:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the tuning run finished before it could be interrupted"
-        proc.send_signal(signal.SIGKILL)  # a crash: no cleanup code runs
+        _signal_once_recorded(proc, db, 3, signal.SIGKILL)  # a crash: no cleanup code runs
     finally:
         proc.wait()
     measured_before = record_lines(db)
@@ -185,32 +200,13 @@ def test_killed_run_resumes_without_remeasuring(tmp_path):
     assert trials - len(measured_before) <= tune.log.measured <= trials - len(measured_before) + SMALL["trials_per_iter"]
 
 
-_THREE_TASKS_SCRIPT = textwrap.dedent("""
-    import signal, sys, torch, graphopt
-    # as in a terminal (a background job, e.g. under CI, would start with SIGINT ignored)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    sys.path.insert(0, {tests!r})
-    from test_tuning import three_task_model, SMALL
-    graphopt.compile(three_task_model(), "x86", (torch.randn(2, 32),),
-                     tune=graphopt.Tune(trials={trials}, db={db!r}, **SMALL))
-""")
-
-
 @pytest.mark.slow
 def test_ctrl_c_stops_after_the_batch_in_flight_and_keeps_every_record(tmp_path):
     db, trials = str(tmp_path / "db"), 12
-    script = _THREE_TASKS_SCRIPT.format(tests=os.path.dirname(__file__), trials=trials, db=db)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = _tune_in_a_process(db, "three_task_model", 2, trials, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 300
         # the 3 rule baselines and the first searched batch are on disk: the search is under way
-        while time.monotonic() < deadline and proc.poll() is None:
-            if glob.glob(os.path.join(db, "*", "database_tuning_record.json")) and len(record_lines(db)) >= 5:
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, "the tuning run finished before it could be interrupted"
-        proc.send_signal(signal.SIGINT)
+        _signal_once_recorded(proc, db, 5, signal.SIGINT)
         _, err = proc.communicate(timeout=300)
     finally:
         proc.kill()
