@@ -241,7 +241,7 @@ class _Tuner:
                                                   for r in baselines})
                         counts = self._record_counts(tasks)
                     remaining = {i: share - counts[i] for i in todo if counts[i] < share}
-                    if remaining and not progress.interrupted:
+                    if remaining and not log.interrupted:
                         self._search([tasks[i] for i in remaining], remaining.values(), builder, runner, progress)
                 finally:
                     progress.close()

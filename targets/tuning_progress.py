@@ -86,7 +86,6 @@ class Progress:
         self.tasks, self.store = tasks, store
         self.deadline = started + self.tune.time_budget if self.tune.time_budget else None
         self.bar = _Bar(total, f"tuning {len(tasks)} tasks", self.tune.progress)
-        self.interrupted = False  # Ctrl-C seen (deferred_interrupt)
 
     def _postfix(self) -> str:
         best = estimate_ms(self.database, self.tasks)
@@ -109,8 +108,8 @@ class Progress:
 
     @contextlib.contextmanager
     def deferred_interrupt(self):
-        """Ctrl-C inside the block sets ``interrupted`` (the search stops after its batch) and
-        raises KeyboardInterrupt when the block ends (module doc)."""
+        """Ctrl-C inside the block sets ``log.interrupted`` (the search stops after its batch)
+        and raises KeyboardInterrupt when the block ends (module doc)."""
         previous = signal.getsignal(signal.SIGINT)
         # Only the main thread may set handlers; an ignored SIGINT (a background job) stays ignored.
         if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
@@ -118,9 +117,9 @@ class Progress:
             return
 
         def note(signum, frame):
-            if self.interrupted:  # the second Ctrl-C: now
+            if self.log.interrupted:  # the second Ctrl-C: now
                 raise KeyboardInterrupt
-            self.interrupted = True
+            self.log.interrupted = True
             print("\ngraphopt: stopping after the batch being measured (Ctrl-C again to stop now)",
                   file=sys.stderr, flush=True)
 
@@ -129,10 +128,9 @@ class Progress:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
-        if self.interrupted:
+        if self.log.interrupted:
             # Crossing TVM's pass infrastructure turns this into a RuntimeError; api.compile
             # raises KeyboardInterrupt again from the log's flag.
-            self.log.interrupted = True
             raise KeyboardInterrupt
 
     def callback(self) -> Any:
@@ -158,8 +156,9 @@ class _PersistRecords(ms.measure_callback.PyMeasureCallback):
             secs = [float(s) for s in res.run_secs] if res.error_msg is None and res.run_secs else [FAILED_SECS]
             records.append(ms.database.TuningRecord(cand.sch.trace, workload, secs, ctx.target, cand.args_info))
         self.progress.add(records, baseline=False)
-        if self.progress.out_of_time() or self.progress.interrupted:
-            self.progress.log.stopped_by_time_budget = not self.progress.interrupted
+        log = self.progress.log
+        if self.progress.out_of_time() or log.interrupted:
+            log.stopped_by_time_budget = not log.interrupted
             for i, task in enumerate(task_scheduler.tasks_):
                 if not task.is_terminated:
                     task_scheduler.terminate_task(i)
