@@ -69,8 +69,10 @@ def compile(model: "torch.nn.Module | Graph", target: Any = "x86", example_input
     first; ``calibration_data`` feeds static quantization.
     """
     from graphopt import __version__
-    from graphopt.artifact import CompiledModule
+    from graphopt.artifact import CompiledModule, configure_tvm_threads
     from graphopt.targets.registry import resolve_target
+
+    configure_tvm_threads()  # before tuning starts measurement workers, which inherit it
 
     spec = resolve_target(target)
     pipe = Pipeline.parse(pipeline)
