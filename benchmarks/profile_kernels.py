@@ -60,7 +60,12 @@ def gflop(func: tvm.tirx.PrimFunc) -> float:
 
 
 def time_kernel(func: tvm.tirx.PrimFunc, target, dev) -> float:
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target).jit()
+    from graphopt.targets.tir_pipeline import TIR_PIPELINE
+
+    # graphopt's TIR pipeline, as in an artifact: the prefetches and shuffle transposes the
+    # schedule rules annotate are lowered by it
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target,
+                      tir_pipeline=TIR_PIPELINE).jit()
     args = random_args(func, dev)
     evaluator = lib.time_evaluator("main", dev, number=20, repeat=5, min_repeat_ms=20)
     return statistics.median(evaluator(*args).results) * 1e3

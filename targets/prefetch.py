@@ -32,6 +32,8 @@ import tvm.sym
 from tvm import tirx
 from tvm.ir.expr import Call, TensorLoad
 
+from graphopt.targets.tir_rewrite import rewrite_annotated_loops, without_annotation
+
 PREFETCH = "graphopt.prefetch"
 CACHE_LINE = 64
 
@@ -124,41 +126,11 @@ def _start_index(loop: tirx.For, name: str):
     return loads[0].source, analyzer.simplify(index)
 
 
-def _rewrite(stmt):
-    """``stmt`` with every annotated loop given its prefetches (returns ``stmt`` itself
-    when nothing below it changed)."""
-    if isinstance(stmt, tirx.SeqStmt):
-        seq = [_rewrite(s) for s in stmt.seq]
-        return stmt if all(a.same_as(b) for a, b in zip(seq, stmt.seq)) else tirx.SeqStmt(seq)
-    if isinstance(stmt, tirx.For):
-        body = _rewrite(stmt.body)
-        if PREFETCH in stmt.annotations:
-            return _with_prefetch(stmt, body)
-        if body.same_as(stmt.body):
-            return stmt
-        return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding,
-                        stmt.annotations)
-    if isinstance(stmt, tirx.AttrStmt):
-        body = _rewrite(stmt.body)
-        return stmt if body.same_as(stmt.body) else tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, body)
-    if isinstance(stmt, tirx.IfThenElse):
-        then_case = _rewrite(stmt.then_case)
-        else_case = _rewrite(stmt.else_case) if stmt.else_case is not None else None
-        if then_case.same_as(stmt.then_case) and (else_case is None or else_case.same_as(stmt.else_case)):
-            return stmt
-        return tirx.IfThenElse(stmt.condition, then_case, else_case)
-    if isinstance(stmt, tirx.While):
-        body = _rewrite(stmt.body)
-        return stmt if body.same_as(stmt.body) else tirx.While(stmt.condition, body)
-    return stmt
-
-
 def _with_prefetch(loop: tirx.For, body):
-    annotations = {k: v for k, v in loop.annotations.items() if k != PREFETCH}
     name, ahead, lines, period, locality = loop.annotations[PREFETCH]
     buffer, start = _start_index(loop, str(name))
     if buffer is None:
-        return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding, annotations)
+        return without_annotation(loop, PREFETCH, body)
     dtype = str(start.ty)
     per_line = max(CACHE_LINE * 8 // tvm.runtime.DataType(str(buffer.dtype)).bits, 1)
     p = tirx.Var("prefetch_line", dtype)
@@ -176,22 +148,11 @@ def _with_prefetch(loop: tirx.For, body):
                                  tirx.const(int(locality), "int32"), tirx.const(1, "int32"))
     prefetch = tirx.For(p, tirx.const(0, dtype), tirx.const(int(lines), dtype), tirx.ForKind.SERIAL,
                         tirx.Evaluate(call))
-    return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, tirx.SeqStmt([prefetch, body]),
-                    loop.thread_binding, annotations)
+    return without_annotation(loop, PREFETCH, tirx.SeqStmt([prefetch, body]))
 
 
 @tirx.transform.prim_func_pass(opt_level=0, name="graphopt.InjectPrefetch")
 def inject_prefetch(func, _mod, _ctx):
     """Lower every ``graphopt.prefetch`` loop annotation (module doc)."""
-    body = _rewrite(func.body)
+    body = rewrite_annotated_loops(func.body, PREFETCH, _with_prefetch)
     return func if body.same_as(func.body) else func.with_body(body)
-
-
-def _graphopt_tir_pipeline():
-    """TVM's default TIR pipeline, then ``inject_prefetch`` (registered as "graphopt")."""
-    pipeline, finalize_host, finalize_device = tvm.tirx.get_tir_pipeline("default")
-    return tvm.transform.Sequential([pipeline, inject_prefetch]), finalize_host, finalize_device
-
-
-TIR_PIPELINE = "graphopt"
-tvm.tirx.compilation_pipeline.register_tir_pipeline(TIR_PIPELINE, _graphopt_tir_pipeline)

@@ -80,9 +80,12 @@ def test_depthwise_input_arrives_channel_blocked(hidden, size, stride):
     store = next(ln for ln in expand.splitlines() if ln.strip().startswith("T.writes(") and "layout_transform" in ln)
     assert f"% T.int64({LANES})]" in store, store
     # depthwise: reads the 5-D input in place, the padding a bounds check on each load; its
-    # only buffer is the register tile, and the weight arrives packed as (rc, ry, rx, f)
+    # only buffers are the register tile and the epilogue's (pixel, channel) tile that the
+    # shuffle transpose reads (targets/transpose.py), and the weight arrives packed as
+    # (rc, ry, rx, f)
     allocs = [ln for ln in dw.splitlines() if "T.sblock_alloc_buffer" in ln]
-    assert len(allocs) == 1 and 'scope="local"' in allocs[0], allocs
+    assert len(allocs) == 2 and all('scope="local"' in a for a in allocs), allocs
+    assert '"graphopt.transpose": 1' in dw
     assert "T.if_then_else" in dw
     weight = mod[dw_name].params[1]
     assert [int(d) for d in weight.shape] == [1, 3, 3, hidden], weight.shape

@@ -19,6 +19,7 @@ tvm = pytest.importorskip("tvm")
 from tvm.script import tirx as T  # noqa: E402
 
 from graphopt.targets import prefetch  # noqa: E402
+from graphopt.targets.tir_pipeline import TIR_PIPELINE  # noqa: E402
 
 TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
 
@@ -45,7 +46,7 @@ def _row_sums(buffer_name: str):
 
 def _lowered(func) -> str:
     mod = tvm.tirx.transform.BindTarget(TARGET.with_host(TARGET))(tvm.IRModule({"main": func}))
-    pipeline, _, _ = tvm.tirx.get_tir_pipeline(prefetch.TIR_PIPELINE)
+    pipeline, _, _ = tvm.tirx.get_tir_pipeline(TIR_PIPELINE)
     return pipeline(mod)["main"].script()
 
 
@@ -66,7 +67,7 @@ def test_annotation_naming_a_buffer_the_loop_does_not_read_is_dropped():
 
 
 def test_prefetching_kernel_computes_the_same():
-    lib = tvm.compile(tvm.IRModule({"main": _row_sums("w")}), target=TARGET, tir_pipeline=prefetch.TIR_PIPELINE)
+    lib = tvm.compile(tvm.IRModule({"main": _row_sums("w")}), target=TARGET, tir_pipeline=TIR_PIPELINE)
     w = np.random.default_rng(0).standard_normal((4, 64)).astype("float32")
     out = tvm.runtime.tensor(np.zeros((4, 4), "float32"))
     lib["main"](tvm.runtime.tensor(w), out)

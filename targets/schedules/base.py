@@ -384,3 +384,45 @@ def parallel_vectorize_injective(sch: s_tir.Schedule, block, lanes: int, cores: 
             sch.parallel(fused)
         except Exception:  # noqa: BLE001
             pass
+
+
+def _reads_per_channel_only(sch: s_tir.Schedule, block, tile) -> bool:
+    """Every buffer ``block`` reads besides ``tile`` holds one value per channel (bias, BN
+    scale): a residual or any other per-pixel input would turn into a gather once the
+    block runs vectorized over channels."""
+    for region in sch.get(block).reads:
+        if region.source.same_as(tile):
+            continue
+        if sum(int(getattr(r.extent, "value", 2)) != 1 for r in region.region) > 1:
+            return False
+    return True
+
+
+def write_back_transposed(sch: s_tir.Schedule, writeback, at, lanes: int) -> bool:
+    """Write a (n, y, x, f) register tile back to NCHW through register shuffles.
+
+    ``writeback`` (the cache_write copy, epilogue folded in) is split in two: the epilogue,
+    vectorized over channels into a (pixel, channel) scratch tile, and a copy from it to
+    the output whose channel loop ``transpose.lower_transposes`` turns into a shuffle
+    network (targets/transpose.py).  Returns False, changing nothing, when the epilogue
+    reads a per-pixel input (a residual): that would be a gather instead."""
+    from .. import transpose
+
+    tile = sch.get(writeback).reads[0].source
+    loops = sch.get_loops(writeback)
+    if len(loops) < 5 or not _reads_per_channel_only(sch, writeback, tile):
+        return False
+    copy = sch.cache_write(writeback, 0, "local")
+    sch.transform_layout(writeback, ("write", 0), lambda n, f, y, x: (n, y, x, f))
+    wn, wf, wy, wx = sch.get_loops(writeback)[-4:]
+    sch.reorder(wn, wy, wx, wf)
+    sch.vectorize(wf)
+    sch.reverse_compute_at(copy, at, preserve_unit_loops=True)
+    cn, cf, cy, cx = sch.get_loops(copy)[-4:]
+    sch.reorder(cn, cy, cf, cx)
+    f_ext = sch.get(cf).extent
+    if int(f_ext) > lanes:
+        _, cf = sch.split(cf, [None, lanes])
+    sch.vectorize(cx)
+    transpose.annotate(sch, cf)
+    return True

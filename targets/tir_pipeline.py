@@ -1,0 +1,28 @@
+"""graphopt's TIR pipeline for CPU kernels: TVM's default one, then the lowering of the loop
+annotations our schedule rules set (they hold only names and integers, so a rule's schedule
+still replays from a MetaSchedule tuning record):
+
+* ``graphopt.prefetch`` -> ``llvm.prefetch`` calls for weight streams (prefetch.py);
+* ``graphopt.transpose`` -> a register shuffle network for transposing write-backs
+  (transpose.py).
+
+Both run after TVM's lowering because they rewrite vectorized, flattened TIR.  Pass
+``tir_pipeline=TIR_PIPELINE`` to ``tvm.compile``.
+"""
+
+from __future__ import annotations
+
+import tvm
+
+from graphopt.targets.prefetch import inject_prefetch
+from graphopt.targets.transpose import lower_transposes
+
+TIR_PIPELINE = "graphopt"
+
+
+def _graphopt_tir_pipeline():
+    pipeline, finalize_host, finalize_device = tvm.tirx.get_tir_pipeline("default")
+    return tvm.transform.Sequential([pipeline, inject_prefetch, lower_transposes]), finalize_host, finalize_device
+
+
+tvm.tirx.compilation_pipeline.register_tir_pipeline(TIR_PIPELINE, _graphopt_tir_pipeline)

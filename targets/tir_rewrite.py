@@ -1,0 +1,46 @@
+"""Rewriting the loops a schedule rule annotated, in lowered TIR (prefetch.py, transpose.py)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from tvm import tirx
+
+
+def rewrite_annotated_loops(stmt, key: str, rewrite: Callable[[tirx.For, object], object]):
+    """``stmt`` with every loop annotated ``key`` replaced by ``rewrite(loop, body)``, where
+    ``body`` is the loop's body already rewritten; returns ``stmt`` itself when nothing
+    below it changed, so an unchanged function keeps its identity."""
+    def visit(s):
+        if isinstance(s, tirx.SeqStmt):
+            seq = [visit(x) for x in s.seq]
+            return s if all(a.same_as(b) for a, b in zip(seq, s.seq)) else tirx.SeqStmt(seq)
+        if isinstance(s, tirx.For):
+            body = visit(s.body)
+            if key in s.annotations:
+                return rewrite(s, body)
+            if body.same_as(s.body):
+                return s
+            return tirx.For(s.loop_var, s.min, s.extent, s.kind, body, s.thread_binding, s.annotations)
+        if isinstance(s, tirx.AttrStmt):
+            body = visit(s.body)
+            return s if body.same_as(s.body) else tirx.AttrStmt(s.node, s.attr_key, s.value, body)
+        if isinstance(s, tirx.IfThenElse):
+            then_case = visit(s.then_case)
+            else_case = visit(s.else_case) if s.else_case is not None else None
+            if then_case.same_as(s.then_case) and (else_case is None or else_case.same_as(s.else_case)):
+                return s
+            return tirx.IfThenElse(s.condition, then_case, else_case)
+        if isinstance(s, tirx.While):
+            body = visit(s.body)
+            return s if body.same_as(s.body) else tirx.While(s.condition, body)
+        return s
+
+    return visit(stmt)
+
+
+def without_annotation(loop: tirx.For, key: str, body=None) -> tirx.For:
+    """``loop`` (with ``body`` if given) minus its ``key`` annotation."""
+    annotations = {k: v for k, v in loop.annotations.items() if k != key}
+    return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, loop.body if body is None else body,
+                    loop.thread_binding, annotations)
