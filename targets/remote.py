@@ -49,11 +49,16 @@ def build_candidate(mod: Any, target: Any, _params: Any) -> Any:
     """Builder build step: MetaSchedule's default minus its ``import tvm.s_tir.tensor_intrin``,
     which registers every tensor intrinsic TVM has and costs ~60 s of CPU in each fresh builder
     process (MetaSchedule starts one per batch) — enough to hit the builder's timeout on a busy
-    machine. graphopt's fp32 search spaces do not tensorize, so nothing needs them."""
+    machine. graphopt's fp32 search spaces do not tensorize, so nothing needs them.
+    Candidates are lowered by graphopt's TIR pipeline, as the final build is: the rules'
+    prefetch and transpose annotations are code there, not no-ops."""
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+    from graphopt.targets.tir_pipeline import TIR_PIPELINE
+
+    pipeline = TIR_PIPELINE if target.kind.name == "llvm" else "default"
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target, pipeline=pipeline)
 
 
 def export_host_library(mod: Any) -> str:
