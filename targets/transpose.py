@@ -94,11 +94,10 @@ def _transposed(loop: tirx.For):
         ramp = tirx.Ramp(tile_start + tirx.const(x * pixel_stride, index_type), tirx.const(1, index_type), lanes)
         return bind(_ffi_api.BufferLoad(store.value.source, [ramp], None))
 
-    stores = []
-    for first in range(0, width, lanes):
+    zero = tirx.Broadcast(tirx.const(0, elem), lanes)
+    for first in range(0, width, lanes):  # each group's loads, network and stores in turn
         n = min(lanes, width - first)
         rows = 1 << (n - 1).bit_length()
-        zero = tirx.Broadcast(tirx.const(0, elem), lanes)
         vecs = [pixel(first + x) for x in range(n)] + [zero] * (rows - n)
         bit = 1
         while bit < rows:  # swap row bit k with lane bit k
@@ -112,11 +111,15 @@ def _transposed(loop: tirx.For):
                 vecs[i | bit] = bind(tirx.Shuffle([a, b], [tirx.const(j, "int32") for j in hi]))
             bit <<= 1
         for ch, (v, lane) in enumerate(network_positions(rows, lanes)):
-            value = vecs[v] if (n == lanes and lane == 0) else tirx.Shuffle(
-                [vecs[v]], [tirx.const(lane + r, "int32") for r in range(n)])
             base = _at(out_index.base, f, ch) + tirx.const(first, str(out_index.base.ty))
-            stores.append(tirx.BufferStore(store.buffer, value, [tirx.Ramp(base, tirx.const(1, str(base.ty)), n)]))
-    return tirx.SeqStmt(stmts + stores)
+            if n == 1:  # a single pixel: a scalar store
+                value, index = tirx.Shuffle([vecs[v]], [tirx.const(lane, "int32")]), base
+            else:
+                value = vecs[v] if (n == lanes and lane == 0) else tirx.Shuffle(
+                    [vecs[v]], [tirx.const(lane + r, "int32") for r in range(n)])
+                index = tirx.Ramp(base, tirx.const(1, str(base.ty)), n)
+            stmts.append(tirx.BufferStore(store.buffer, value, [index]))
+    return tirx.SeqStmt(stmts)
 
 
 def _lower(loop: tirx.For, body):

@@ -31,7 +31,7 @@ def _tile_to_rows(width: int, lanes: int, tile_channels: int):
 
 
 @pytest.mark.parametrize("lanes, tile_channels", [(16, 16), (16, 32), (4, 4)])
-@pytest.mark.parametrize("width", [2, 3, 7, 8, 14, 16, 20, 28])
+@pytest.mark.parametrize("width", [2, 3, 7, 8, 14, 16, 17, 20, 28, 56])
 def test_moves_every_value_like_the_strided_copy(width, lanes, tile_channels):
     func = _tile_to_rows(width, lanes, tile_channels)
     lowered = lower_transposes(tvm.IRModule({"main": func}))["main"].script()
