@@ -398,6 +398,18 @@ def _reads_per_channel_only(sch: s_tir.Schedule, block, tile) -> bool:
     return True
 
 
+def _writes_in_tile_order(sch: s_tir.Schedule, block) -> bool:
+    """``block`` writes element (n, f, y, x) of a 4-D output for its iteration (n, f, y, x):
+    no reshape or permutation was folded into the write-back.  Its scratch tile then covers
+    exactly what the task computed; with a folded reshape the copy's bounding box spans
+    other tasks' outputs too (fuzzer seed 29: conv -> reshape -> transpose -> tanh)."""
+    b = sch.get(block)
+    if len(b.writes) != 1 or len(b.iter_vars) != 4 or len(b.writes[0].region) != 4:
+        return False
+    return all(r.min.same_as(iv.var) and int(getattr(r.extent, "value", 0)) == 1
+               for r, iv in zip(b.writes[0].region, b.iter_vars))
+
+
 def write_back_transposed(sch: s_tir.Schedule, writeback, at, lanes: int) -> bool:
     """Write a (n, y, x, f) register tile back to NCHW through register shuffles.
 
@@ -405,12 +417,13 @@ def write_back_transposed(sch: s_tir.Schedule, writeback, at, lanes: int) -> boo
     vectorized over channels into a (pixel, channel) scratch tile, and a copy from it to
     the output whose channel loop ``transpose.lower_transposes`` turns into a shuffle
     network (targets/transpose.py).  Returns False, changing nothing, when the epilogue
-    reads a per-pixel input (a residual): that would be a gather instead."""
+    reads a per-pixel input (a residual: that would be a gather instead) or writes through a
+    folded reshape or permutation."""
     from .. import transpose
 
     tile = sch.get(writeback).reads[0].source
     loops = sch.get_loops(writeback)
-    if len(loops) < 5 or not _reads_per_channel_only(sch, writeback, tile):
+    if len(loops) < 5 or not _writes_in_tile_order(sch, writeback) or not _reads_per_channel_only(sch, writeback, tile):
         return False
     copy = sch.cache_write(writeback, 0, "local")
     sch.transform_layout(writeback, ("write", 0), lambda n, f, y, x: (n, y, x, f))
