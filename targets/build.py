@@ -23,7 +23,7 @@ import tvm
 from tvm import relax
 
 from graphopt.errors import CompilationError
-from graphopt.targets.tir_pipeline import TIR_PIPELINE
+from graphopt.targets.tir_pipeline import tir_pipeline_for
 from graphopt.targets.legalize import CPU_LEGALIZE
 from graphopt.targets.registry import TargetSpec
 
@@ -152,9 +152,7 @@ def build(mod: tvm.IRModule, spec: TargetSpec, *, fusion: Fusion = "tvm", schedu
     target = spec.tvm_target()
     pipeline = relax_pipeline(spec, fusion=fusion, schedules=schedules, extra_passes=extra_passes)
     try:
-        # CPU kernels: TVM's TIR pipeline plus the prefetches and shuffle transposes the rules ask for
-        tir_pipeline = "default" if spec.kind == "cuda" else TIR_PIPELINE
-        executable = tvm.compile(mod, target=target, relax_pipeline=pipeline, tir_pipeline=tir_pipeline)
+        executable = tvm.compile(mod, target=target, relax_pipeline=pipeline, tir_pipeline=tir_pipeline_for(target))
     except Exception as e:  # TVM raises InternalError/TVMError/ValueError from deep inside
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         raise CompilationError(f"TVM build for target {spec.name} failed: "

@@ -55,10 +55,10 @@ def build_candidate(mod: Any, target: Any, _params: Any) -> Any:
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    from graphopt.targets.tir_pipeline import TIR_PIPELINE
+    from graphopt.targets.tir_pipeline import tir_pipeline_for
 
-    pipeline = TIR_PIPELINE if target.kind.name == "llvm" else "default"
-    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target, pipeline=pipeline)
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target,
+                     pipeline=tir_pipeline_for(target))
 
 
 def export_host_library(mod: Any) -> str:

@@ -20,6 +20,12 @@ from graphopt.targets.transpose import lower_transposes
 TIR_PIPELINE = "graphopt"
 
 
+def tir_pipeline_for(target: tvm.target.Target) -> str:
+    """The TIR pipeline to build ``target``'s kernels with: ours for CPU (LLVM) targets, whose
+    rules set the annotations, TVM's default for the others (CUDA)."""
+    return TIR_PIPELINE if target.kind.name == "llvm" else "default"
+
+
 def _graphopt_tir_pipeline():
     pipeline, finalize_host, finalize_device = tvm.tirx.get_tir_pipeline("default")
     return tvm.transform.Sequential([pipeline, inject_prefetch, lower_transposes]), finalize_host, finalize_device

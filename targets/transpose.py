@@ -34,6 +34,7 @@ from tvm import tirx
 from tvm.ir.expr import TensorLoad
 from tvm.tirx import _ffi_api
 
+from graphopt.targets.schedules.base import const_int
 from graphopt.targets.tir_rewrite import rewrite_annotated_loops, without_annotation
 
 TRANSPOSE = "graphopt.transpose"
@@ -48,10 +49,6 @@ def _at(expr, var, value: int):
     analyzer = tvm.sym.Analyzer()
     analyzer.bind(var, tirx.const(value, str(var.ty)))
     return analyzer.simplify(expr)
-
-
-def _const_int(expr) -> int | None:
-    return int(expr.value) if isinstance(expr, tirx.IntImm) else None
 
 
 def network_positions(rows: int, lanes: int) -> list[tuple[int, int]]:
@@ -70,13 +67,13 @@ def _transposed(loop: tirx.For):
     out_index, in_index = store.indices[0], store.value.indices[0]
     if not (isinstance(out_index, tirx.Ramp) and isinstance(in_index, tirx.Ramp)):
         return None
-    lanes, width = _const_int(loop.extent), _const_int(out_index.lanes)
-    pixel_stride = _const_int(in_index.stride)  # the tile's channel count: ``lanes`` or a multiple
-    if (lanes is None or width is None or pixel_stride is None or _const_int(loop.min) != 0
-            or lanes & (lanes - 1) or pixel_stride % lanes or _const_int(out_index.stride) != 1
-            or _const_int(in_index.lanes) != width):
+    lanes, width = const_int(loop.extent), const_int(out_index.lanes)
+    pixel_stride = const_int(in_index.stride)  # the tile's channel count: ``lanes`` or a multiple
+    if (lanes is None or width is None or pixel_stride is None or const_int(loop.min) != 0
+            or lanes & (lanes - 1) or pixel_stride % lanes or const_int(out_index.stride) != 1
+            or const_int(in_index.lanes) != width):
         return None
-    if _const_int(tvm.sym.Analyzer().simplify(_at(in_index.base, f, 1) - _at(in_index.base, f, 0))) != 1:
+    if const_int(tvm.sym.Analyzer().simplify(_at(in_index.base, f, 1) - _at(in_index.base, f, 0))) != 1:
         return None
     elem = str(store.value.ty).split("x")[0]
     vector = f"{elem}x{lanes}"

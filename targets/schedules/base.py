@@ -393,7 +393,7 @@ def _reads_per_channel_only(sch: s_tir.Schedule, block, tile) -> bool:
     for region in sch.get(block).reads:
         if region.source.same_as(tile):
             continue
-        if sum(int(getattr(r.extent, "value", 2)) != 1 for r in region.region) > 1:
+        if sum(const_int(r.extent) != 1 for r in region.region) > 1:
             return False
     return True
 
@@ -406,24 +406,24 @@ def _writes_in_tile_order(sch: s_tir.Schedule, block) -> bool:
     b = sch.get(block)
     if len(b.writes) != 1 or len(b.iter_vars) != 4 or len(b.writes[0].region) != 4:
         return False
-    return all(r.min.same_as(iv.var) and int(getattr(r.extent, "value", 0)) == 1
-               for r, iv in zip(b.writes[0].region, b.iter_vars))
+    return all(r.min.same_as(iv.var) and const_int(r.extent) == 1 for r, iv in zip(b.writes[0].region, b.iter_vars))
 
 
-def write_back_transposed(sch: s_tir.Schedule, writeback, at, lanes: int) -> bool:
+def write_back_transposed(sch: s_tir.Schedule, writeback, at, lanes: int, target: Target) -> bool:
     """Write a (n, y, x, f) register tile back to NCHW through register shuffles.
 
     ``writeback`` (the cache_write copy, epilogue folded in) is split in two: the epilogue,
     vectorized over channels into a (pixel, channel) scratch tile, and a copy from it to
     the output whose channel loop ``transpose.lower_transposes`` turns into a shuffle
-    network (targets/transpose.py).  Returns False, changing nothing, when the epilogue
-    reads a per-pixel input (a residual: that would be a gather instead) or writes through a
-    folded reshape or permutation."""
+    network (targets/transpose.py).  Returns False, changing nothing, for a target whose
+    kernels that pass does not lower (only LLVM ones go through graphopt's TIR pipeline), or
+    when the epilogue reads a per-pixel input (a residual: that would be a gather instead)
+    or writes through a folded reshape or permutation."""
     from .. import transpose
 
     tile = sch.get(writeback).reads[0].source
-    loops = sch.get_loops(writeback)
-    if len(loops) < 5 or not _writes_in_tile_order(sch, writeback) or not _reads_per_channel_only(sch, writeback, tile):
+    if (target.kind.name != "llvm" or len(sch.get_loops(writeback)) < 5
+            or not _writes_in_tile_order(sch, writeback) or not _reads_per_channel_only(sch, writeback, tile)):
         return False
     copy = sch.cache_write(writeback, 0, "local")
     sch.transform_layout(writeback, ("write", 0), lambda n, f, y, x: (n, y, x, f))

@@ -326,15 +326,13 @@ class Conv2dNCHW(base.CPURule):
             sch.reorder(wn, wy, wx, wf)
             _, wv = sch.split(wf, [None, lanes])
             sch.vectorize(wv)
-        elif (len(wb_loops) == 4 and not left and target.kind.name == "llvm"
-              and base.write_back_transposed(sch, wb, wb_at, lanes)):
-            pass  # through register shuffles (resnet18's first conv alone: 0.53 -> 0.51 ms)
-        elif len(wb_loops) == 4:
+        elif len(wb_loops) == 4 and (left or not base.write_back_transposed(sch, wb, wb_at, lanes, target)):
+            # (Transposed through register shuffles when it can be: resnet18's first conv alone
+            # 0.53 -> 0.51 ms.)  Otherwise vector over the pixel axis: a strided gather from the
+            # L1-resident accumulator, but contiguous NCHW stores and a vectorized epilogue (BN
+            # affine incl. a division per element): 25% faster on resnet's first conv.
             wn, wf, wy, wx = wb_loops
             sch.reorder(wn, wy, wf, wx)
-            # Vector over the pixel axis: a strided gather from the L1-resident
-            # accumulator, but contiguous NCHW stores and a vectorized epilogue (BN
-            # affine incl. a division per element): 25% faster on resnet's first conv.
             try:
                 sch.vectorize(wx)
             except Exception:  # noqa: BLE001

@@ -149,7 +149,7 @@ def _schedule_channel_blocked(sch, info: base.FuncInfo, target: Target, data, we
         # outer, pixels inner: contiguous NCHW stores and a vectorized epilogue, but a
         # strided read from the tile, X scalar loads per row.  (Left scalar, this
         # write-back cost 5x the convolution itself: 576x14x14 680 -> 86 us.)
-        if not (not left and target.kind.name == "llvm" and base.write_back_transposed(sch, wb, at, vec)):
+        if left or not base.write_back_transposed(sch, wb, at, vec, target):
             sch.reorder(wn, wy, wf, wx)
             sch.vectorize(wx)
     for b in left:
