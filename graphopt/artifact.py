@@ -47,7 +47,7 @@ def configure_tvm_threads() -> None:
     Pinning: TVM pins worker i to core i by default, and its kernels split every parallel loop
     into one fixed share per thread. When another process runs on one of those cores, the
     pinned worker cannot move to a free one, and every parallel region waits for it a
-    scheduler time slice: mobilenet_v2 took 56-180 ms a call instead of 3.7 ms next to one
+    scheduler time slice: mobilenet_v2 took 152-192 ms a call instead of 3.7 ms next to one
     busy process on this 2-core machine, and 1.8 ms either way when the machine was quiet.
     ONNX Runtime and PyTorch's OpenMP do not pin by default either. Users who own the cores
     can still set TVM_BIND_THREADS=1.
