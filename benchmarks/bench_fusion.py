@@ -40,7 +40,7 @@ def measure(name: str, repeat: int) -> dict[str, dict[str, float]]:
     from graphopt.models import REFERENCE_MODELS
     from graphopt.passes.fuse import expected_kernels
     from graphopt.targets.build import build, kernel_launches
-    from graphopt.targets.lower import lower_to_relax
+    from graphopt.targets.frontend.lower import lower_to_relax
     from graphopt.targets.registry import resolve_target
 
     ref = REFERENCE_MODELS[name]

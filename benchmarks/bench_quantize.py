@@ -5,7 +5,7 @@
 For each model: ours fp32 (``fold,fuse``, the default pipeline), ours int8
 (``fold,quantize{mode=int8},fuse``, or ``mode=dynamic`` for the transformer; both fused, so
 the ratio is int8 vs fp32 and not fused vs unfused; int8 conv/linear run on VNNI, see
-targets/schedules/int8.py), ONNX Runtime fp32, ORT int8 static QDQ and
+targets/cpu/schedules/int8.py), ONNX Runtime fp32, ORT int8 static QDQ and
 dynamic (onnxruntime.quantization), PyTorch eager. Accuracy: test accuracy for the
 digits models, cosine vs fp32 eager on held-out random inputs for the others. Every
 ratio in the table comes from this one run (median latency, batch 1).

@@ -1,4 +1,4 @@
-"""Benchmark graphopt's default CPU schedules (targets/schedules) on the five reference models.
+"""Benchmark graphopt's default CPU schedules (targets/cpu/schedules) on the five reference models.
 
 Builds each model twice with the lead's pipeline shape -- once plain (TVM 0.27's naive
 default), once with ``cpu_layout_passes`` + ``cpu_schedule_pass`` -- checks the scheduled
@@ -36,7 +36,7 @@ from tvm import relax  # noqa: E402
 from tvm.relax.frontend.torch import from_exported_program  # noqa: E402
 
 from graphopt import timing  # noqa: E402
-from graphopt.targets.schedules import cpu_layout_passes, cpu_schedule_pass  # noqa: E402
+from graphopt.targets.cpu.schedules import cpu_layout_passes, cpu_schedule_pass  # noqa: E402
 
 MODELS = ["mlp", "cnn", "resnet18", "mobilenet_v2", "transformer"]
 _PIPE = relax.backend.cpu_generic.pipeline

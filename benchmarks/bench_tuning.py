@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt.models import REFERENCE_MODELS  # noqa: E402
-from graphopt.targets.tuning import Tune  # noqa: E402
+from graphopt.targets.tuning.tuner import Tune  # noqa: E402
 
 MODELS = ("mlp", "cnn", "resnet18", "mobilenet_v2", "transformer")
 

@@ -29,7 +29,7 @@ from tvm.s_tir.analysis import estimate_tir_flops  # noqa: E402
 import graphopt  # noqa: E402
 from graphopt.models import REFERENCE_MODELS  # noqa: E402
 from graphopt.targets.build import fusion_mode, scheduled_module, tir_calls  # noqa: E402
-from graphopt.targets.lower import lower_to_relax  # noqa: E402
+from graphopt.targets.frontend.lower import lower_to_relax  # noqa: E402
 from graphopt.targets.registry import resolve_target  # noqa: E402
 from graphopt.timing import time_calls  # noqa: E402
 
@@ -60,7 +60,7 @@ def gflop(func: tvm.tirx.PrimFunc) -> float:
 
 
 def time_kernel(func: tvm.tirx.PrimFunc, target, dev) -> float:
-    from graphopt.targets.tir_pipeline import TIR_PIPELINE
+    from graphopt.targets.cpu.tir_pipeline import TIR_PIPELINE
 
     # graphopt's TIR pipeline, as in an artifact: the prefetches and shuffle transposes the
     # schedule rules annotate are lowered by it

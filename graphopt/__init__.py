@@ -20,7 +20,7 @@ from graphopt.finetune import finetune  # noqa: E402
 from graphopt.graph import Graph, GraphSummary  # noqa: E402
 from graphopt.passes_base import GraphPass, PassResult, option, register_pass  # noqa: E402
 from graphopt.pipeline import Pipeline  # noqa: E402
-from graphopt.targets.tuning import RPC, Tune  # noqa: E402
+from graphopt.targets.tuning.tuner import RPC, Tune  # noqa: E402
 
 __all__ = ["capture", "optimize", "compile", "load", "calibrate", "finetune", "bisect", "Tune", "RPC", "Graph",
            "GraphSummary", "Pipeline", "GraphPass", "PassResult", "option", "register_pass", "CompiledModule",

@@ -65,7 +65,7 @@ def compile(model: "torch.nn.Module | Graph", target: Any = "x86", example_input
     target dict. ``fusion`` overrides the backend's fusion policy: by default the graph's
     own fusion groups decide ("graph", one kernel per group of the ``fuse`` pass), and a
     pipeline without ``fuse`` builds unfused ("none"); "tvm" asks for TVM's automatic fusion.
-    ``tune`` (a graphopt.targets.tuning.Tune) autotunes with MetaSchedule into its database
+    ``tune`` (a graphopt.targets.tuning.tuner.Tune) autotunes with MetaSchedule into its database
     first; ``calibration_data`` feeds static quantization.
     """
     from graphopt import __version__
@@ -85,20 +85,20 @@ def compile(model: "torch.nn.Module | Graph", target: Any = "x86", example_input
     import tvm
 
     from graphopt.targets.build import build, fusion_mode
-    from graphopt.targets.lower import lower_to_relax
+    from graphopt.targets.frontend.lower import lower_to_relax
 
     fusion = fusion_mode(optimized, fusion)
     mod = lower_to_relax(optimized)
     extra_passes = []
     if tune is not None:
-        from graphopt.targets.tuning import tuning_passes
+        from graphopt.targets.tuning.tuner import tuning_passes
 
         extra_passes = tuning_passes(mod, spec, tune, fusion=fusion)
     try:
         executable = build(mod, spec, fusion=fusion, schedules=schedules, extra_passes=extra_passes)
     except CompilationError:
         if tune is not None and tune.log.interrupted:
-            # Ctrl-C while tuning (targets/tuning_progress.py): every measured record is saved
+            # Ctrl-C while tuning (targets/tuning/progress.py): every measured record is saved
             raise KeyboardInterrupt from None
         raise
     t3 = time.perf_counter()
@@ -117,7 +117,7 @@ def compile(model: "torch.nn.Module | Graph", target: Any = "x86", example_input
         "outputs": [s.to_json() for s in optimized.output_specs],
     }
     device_code = getattr(executable, "graphopt_device_code", None)
-    if device_code is not None:  # GPU targets: what form the kernels ship in (targets/cuda_device.py)
+    if device_code is not None:  # GPU targets: what form the kernels ship in (targets/cuda/device_code.py)
         manifest["device_code"] = device_code.to_json()
     module = CompiledModule(executable, manifest)
     module.graph = optimized

@@ -247,7 +247,7 @@ class CompiledModule:
         try:
             lib = os.path.join(tmp, LIBRARY)
             if fcompile is None and self.manifest["target"].get("cross_triple"):
-                from graphopt.targets.toolchain import cross_compiler_fcompile
+                from graphopt.targets.aarch64.toolchain import cross_compiler_fcompile
 
                 fcompile = cross_compiler_fcompile(self.manifest["target"]["cross_triple"])
             if fcompile is not None:

@@ -80,7 +80,7 @@ def calibrate(graph: Graph, data: Iterable[Any], method: str = "minmax",
               progress: bool = True) -> dict[str, tuple[float, float]]:
     """Calibrate ``graph`` in place on ``data`` (batches of inputs) with ``method``:
     minmax | percentile | entropy | mse."""
-    from graphopt.passes.quantize.calibrate import calibrate as _calibrate
+    from graphopt.passes.quantize.calibration import calibrate as _calibrate
     from graphopt.passes.quantize.observers import METHODS
 
     if method not in METHODS:

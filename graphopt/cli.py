@@ -218,7 +218,7 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     import graphopt
     from graphopt.model_spec import load_model
-    from graphopt.targets.tuning import RPC, Tune
+    from graphopt.targets.tuning.tuner import RPC, Tune
 
     if bool(args.rpc_key) != bool(args.tracker):
         raise InputError("--rpc-key and --tracker go together (the device's key and the tracker's HOST:PORT)")

@@ -3,7 +3,7 @@
 The pass does not rewrite ops: it *records* its decisions as ``node.meta["fusion_group"]``
 (an int per member) and ``graph.annotations["fusion"]`` (per group: pattern, members,
 intermediate bytes saved), so the IR dump, ``summary()`` and the ``inspect`` picture show
-every group, and the TVM backend (targets/lower.py) emits each group as one primitive
+every group, and the TVM backend (targets/frontend/lower.py) emits each group as one primitive
 function, i.e. one kernel. A graph with groups builds with fusion mode ``"graph"``: TVM's
 own FuseOps is off, our groups are the only fusion.
 
@@ -25,7 +25,7 @@ from typing import ClassVar
 
 from graphopt.graph import Graph
 from graphopt.passes.fusion.groups import Grouping, node_groups
-from graphopt.passes.fusion.ops import is_compute
+from graphopt.op_kinds import is_compute
 from graphopt.passes.fusion.patterns import PATTERNS
 from graphopt.passes_base import GraphPass, PassResult, option, register_pass
 

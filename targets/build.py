@@ -9,7 +9,7 @@ VM) with the stages graphopt controls spelled out:
   PrimFunc each, with no FuseOps; ``"tvm"`` runs TVM's automatic FuseOps/FuseTIR; ``"none"``
   turns fusion off, so every op is its own kernel (A/B comparisons are real). The last two
   first inline the lowering's kernel functions back into ``main``;
-* schedules — CPU PrimFuncs get graphopt's schedule rules (targets/schedules) unless a
+* schedules — CPU PrimFuncs get graphopt's schedule rules (targets/cpu/schedules) unless a
   tuning record already scheduled them; GPU PrimFuncs get TVM's dlight GPU rules, which
   bind every loop nest to threads (an unscheduled kernel cannot run on a GPU at all).
 """
@@ -23,8 +23,8 @@ import tvm
 from tvm import relax
 
 from graphopt.errors import CompilationError
-from graphopt.targets.tir_pipeline import tir_pipeline_for
-from graphopt.targets.legalize import CPU_LEGALIZE
+from graphopt.targets.cpu.tir_pipeline import tir_pipeline_for
+from graphopt.targets.cpu.legalize import CPU_LEGALIZE
 from graphopt.targets.registry import TargetSpec
 
 Fusion = Literal["graph", "tvm", "none"]
@@ -34,7 +34,7 @@ FUSION_MODES = ("graph", "tvm", "none")
 def _cpu_schedule_passes(target: tvm.target.Target) -> tuple[list, list]:
     """(layout passes before legalization, schedule passes after fusion) for CPU targets."""
     try:
-        from graphopt.targets.schedules import cpu_layout_passes, cpu_schedule_pass
+        from graphopt.targets.cpu.schedules import cpu_layout_passes, cpu_schedule_pass
     except ImportError:  # the schedule rules are optional while they are being written
         return [], []
     # Weights a schedule reads in a packed order (conv2d.py) come with a copy marked as a
@@ -158,7 +158,7 @@ def build(mod: tvm.IRModule, spec: TargetSpec, *, fusion: Fusion = "tvm", schedu
         raise CompilationError(f"TVM build for target {spec.name} failed: "
                                f"{lines[-1] if lines else type(e).__name__}") from e
     if spec.kind == "cuda":
-        from graphopt.targets.cuda_device import compile_device_code
+        from graphopt.targets.cuda.device_code import compile_device_code
 
         executable.graphopt_device_code = compile_device_code(executable, target)
     return executable
@@ -213,7 +213,7 @@ class _PassLiftedConstants(relax.PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="graphopt.KernelsToPrimitive")
 def _kernels_to_primitive(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
     """Mark the lowering's kernel functions Primitive, with their constants lifted to params."""
-    from graphopt.targets.lower import KERNEL_ATTR
+    from graphopt.targets.frontend.lower import KERNEL_ATTR
 
     def is_kernel(func) -> bool:
         return isinstance(func, relax.Function) and func.attrs is not None and KERNEL_ATTR in func.attrs

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from graphopt.errors import ArtifactError, EmulationError, InputError, ToolchainError
-from graphopt.targets import emulation, toolchain
+from graphopt.targets.aarch64 import emulation
+from graphopt.targets.aarch64 import toolchain
 
 EM_AARCH64 = 183  # /usr/include/elf.h
 
@@ -162,7 +163,7 @@ def test_conv_model_cross_compiled_runs_on_emulated_aarch64(aarch64_env, tmp_pat
 @pytest.fixture(scope="module")
 def session(aarch64_env):
     """One emulated runner for the whole module: the emulator and TVM's runtime start once."""
-    from graphopt.targets.emulation_session import EmulatorSession
+    from graphopt.targets.aarch64.session import EmulatorSession
 
     with EmulatorSession(aarch64_env) as s:
         yield s

@@ -1,4 +1,4 @@
-"""A conv kernel hands the depthwise conv after it NCHW[L]c (targets/schedules/blocked.py).
+"""A conv kernel hands the depthwise conv after it NCHW[L]c (targets/cpu/schedules/blocked.py).
 
 Specification: in ``main`` the tensor between the two kernels becomes 5-D with the SIMD
 width innermost, only for that pair and only where it pays (strided or short rows, or a
@@ -20,9 +20,9 @@ tvm = pytest.importorskip("tvm")
 
 import graphopt  # noqa: E402
 from graphopt.targets.build import fusion_mode, scheduled_module, tir_calls  # noqa: E402
-from graphopt.targets.lower import lower_to_relax  # noqa: E402
+from graphopt.targets.frontend.lower import lower_to_relax  # noqa: E402
 from graphopt.targets.registry import resolve_target  # noqa: E402
-from graphopt.targets.schedules import simd_lanes  # noqa: E402
+from graphopt.targets.cpu.schedules import simd_lanes  # noqa: E402
 
 SPEC = resolve_target("x86")
 LANES = simd_lanes(SPEC.tvm_target())
@@ -81,7 +81,7 @@ def test_depthwise_input_arrives_channel_blocked(hidden, size, stride):
     assert f"% T.int64({LANES})]" in store, store
     # depthwise: reads the 5-D input in place, the padding a bounds check on each load; its
     # only buffers are the register tile and the epilogue's (pixel, channel) tile that the
-    # shuffle transpose reads (targets/transpose.py), and the weight arrives packed as
+    # shuffle transpose reads (targets/cpu/transpose.py), and the weight arrives packed as
     # (rc, ry, rx, f)
     allocs = [ln for ln in dw.splitlines() if "T.sblock_alloc_buffer" in ln]
     assert len(allocs) == 2 and all('scope="local"' in a for a in allocs), allocs

@@ -1,5 +1,5 @@
 """A conv and the depthwise conv it feeds become one kernel when the tensor between them
-would not stay in L2 (targets/schedules/blocked.py, conv_depthwise.py).
+would not stay in L2 (targets/cpu/schedules/blocked.py, conv_depthwise.py).
 
 Specification: such a pair is one kernel in ``main`` (no tensor between them at all), one
 parallel region whose tasks compute the rows of the intermediate they read into a task-local
@@ -21,10 +21,10 @@ tvm = pytest.importorskip("tvm")
 
 import graphopt  # noqa: E402
 from graphopt.targets.build import fusion_mode, scheduled_module, tir_calls  # noqa: E402
-from graphopt.targets.lower import lower_to_relax  # noqa: E402
+from graphopt.targets.frontend.lower import lower_to_relax  # noqa: E402
 from graphopt.targets.registry import resolve_target  # noqa: E402
-from graphopt.targets.schedules import simd_lanes  # noqa: E402
-from graphopt.targets.schedules.blocked import L2_BYTES  # noqa: E402
+from graphopt.targets.cpu.schedules import simd_lanes  # noqa: E402
+from graphopt.targets.cpu.schedules.blocked import L2_BYTES  # noqa: E402
 
 SPEC = resolve_target("x86")
 LANES = simd_lanes(SPEC.tvm_target())

@@ -4,7 +4,7 @@ Specification: ``graphopt.compile(model, "cuda", ...)`` succeeds with no GPU; th
 executable's module tree holds a ``cuda`` device module under the host ``llvm`` one; the
 saved ``model.so`` embeds every kernel as CUDA C, each bound to GPU threads (TVM 0.27's
 codegen always embeds source, which the CUDA runtime compiles when the artifact is loaded
-on the device: see targets/cuda_device.py). When nvcc is on PATH the build also compiles
+on the device: see targets/cuda/device_code.py). When nvcc is on PATH the build also compiles
 that source ahead of time to PTX for the target's arch (sm_80; sm_87 for jetson-orin),
 covering every embedded kernel. int8-quantized models with 1x1 and depthwise convs build.
 Loading the artifact here says there is no GPU. Running kernels needs a GPU: not tested here.
@@ -22,8 +22,8 @@ import torch.nn as nn
 import graphopt
 from graphopt.errors import ArtifactError
 from graphopt.models import cnn, mlp
-from graphopt.targets.cuda_device import cuda_source, nvcc_version
-from graphopt.targets.toolchain import EM_AARCH64, EM_X86_64, elf_machine, find_cross_compiler
+from graphopt.targets.cuda.device_code import cuda_source, nvcc_version
+from graphopt.targets.aarch64.toolchain import EM_AARCH64, EM_X86_64, elf_machine, find_cross_compiler
 
 
 def _module_kinds(mod, depth=0):

@@ -108,7 +108,7 @@ def test_wrong_dtype_is_an_input_error(mlp_module):
 def test_the_kernel_of_a_symbolic_flatten_takes_the_batch_as_a_shape_parameter():
     # the flatten (batch*128, 256) of the transformer's attention defines no "batch": the
     # kernel reading it gets the size through an R.Shape parameter instead of erasing shapes
-    from graphopt.targets.lower import lower_to_relax
+    from graphopt.targets.frontend.lower import lower_to_relax
     from tvm import relax
 
     model = REFERENCE_MODELS["transformer"].build()

@@ -38,7 +38,7 @@ def node(graph, name: str):
 
 def kernels_launched(graph, fusion: str = "graph", target: str = "x86") -> int:
     from graphopt.targets.build import kernel_launches
-    from graphopt.targets.lower import lower_to_relax
+    from graphopt.targets.frontend.lower import lower_to_relax
     from graphopt.targets.registry import resolve_target
 
     return len(kernel_launches(lower_to_relax(graph), resolve_target(target), fusion))

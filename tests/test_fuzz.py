@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from graphopt.fuzz import GraphSpec, check_spec, generate, minimize, pass_stages
-from graphopt.fuzz.ops import BINARY, UNARY
+from graphopt.fuzz.op_catalog import BINARY, UNARY
 from graphopt.fuzz.harness import Case, Stage, compare, default_stages, pipeline_tolerance
 from graphopt.fuzz.minimize import minimize_failure
 
@@ -181,7 +181,8 @@ def aarch64_ready():
     """Cross toolchain + qemu + the cached aarch64 sysroot, installed if missing; skip only where that
     is impossible on this machine (as tests/test_aarch64_emulated.py)."""
     from graphopt.errors import EmulationError, ToolchainError
-    from graphopt.targets import emulation, toolchain
+    from graphopt.targets.aarch64 import emulation
+    from graphopt.targets.aarch64 import toolchain
 
     reason = toolchain.apt_unavailable_reason()
     if reason is not None and (toolchain.find_cross_compiler() is None or emulation.find_qemu() is None):

@@ -2,7 +2,7 @@
 
 LLVM lowers TVM's ``max``/``min`` (relu as ``max(x, 0)``, clamps, the max reduction of a
 pool) to maxnum/minnum, which return the *non*-NaN operand: a NaN input silently became a
-number. targets/ops.py replaces those lowerings by compare-and-select forms and a max pool
+number. targets/frontend/converters.py replaces those lowerings by compare-and-select forms and a max pool
 with a NaN-propagating reduction (1-d, 2-d, 3-d and adaptive). Each case feeds NaN, +inf and -inf through one op and
 asserts the compiled output has the same NaN/inf pattern and the same values as eager.
 """
@@ -146,9 +146,9 @@ def test_maxpool_stays_one_kernel_and_matches_the_pooling_schedule():
 
     from graphopt.passes.fuse import expected_kernels
     from graphopt.targets.build import kernel_launches
-    from graphopt.targets.lower import lower_to_relax
+    from graphopt.targets.frontend.lower import lower_to_relax
     from graphopt.targets.registry import resolve_target
-    from graphopt.targets.schedules import schedule_primfunc
+    from graphopt.targets.cpu.schedules import schedule_primfunc
 
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).eval()
     x = torch.randn(1, 2, 8, 8)
@@ -183,7 +183,7 @@ def test_pool_indices_are_unsupported_not_wrong(pool):
 
 def test_no_max_or_min_lowering_of_the_importer_is_left_unfixed():
     # every max/min op the importer lowers to maxnum/minnum is replaced by a NaN-propagating converter
-    from graphopt.targets.lower import EXTRA_CONVERTERS, FIX_CONVERTERS, _load_converter_modules
+    from graphopt.targets.frontend.lower import EXTRA_CONVERTERS, FIX_CONVERTERS, _load_converter_modules
 
     _load_converter_modules()
     assert {"max_pool1d.default", "max_pool2d.default", "max_pool3d.default", "max_pool2d_with_indices.default",

@@ -1,4 +1,4 @@
-"""Software prefetch of weight streams (targets/prefetch.py).
+"""Software prefetch of weight streams (targets/cpu/prefetch.py).
 
 Specification: a loop annotated ``graphopt.prefetch = [buffer, ahead, lines, period, locality]``
 gets, at the top of its body, ``lines`` prefetches of that buffer, ``ahead`` elements past
@@ -18,8 +18,8 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 tvm = pytest.importorskip("tvm")
 from tvm.script import tirx as T  # noqa: E402
 
-from graphopt.targets import prefetch  # noqa: E402
-from graphopt.targets.tir_pipeline import TIR_PIPELINE  # noqa: E402
+from graphopt.targets.cpu import prefetch  # noqa: E402
+from graphopt.targets.cpu.tir_pipeline import TIR_PIPELINE  # noqa: E402
 
 TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 import graphopt
 from graphopt.errors import PassError, PipelineError
 from graphopt.passes.quantize.observers import make_observer
-from graphopt.passes.quantize.qdq import activation_qparams, quantize_weight
+from graphopt.passes.quantize.insert_qdq import activation_qparams, quantize_weight
 from graphopt.targets.registry import resolve_target
 
 qd = torch.ops.quantized_decomposed
@@ -224,7 +224,7 @@ def _legalized(quantized_graph, target):
     import tvm
     from tvm import relax
 
-    from graphopt.targets.lower import lower_to_relax
+    from graphopt.targets.frontend.lower import lower_to_relax
 
     mod = lower_to_relax(quantized_graph)
     with tvm.target.Target(resolve_target(target).tvm_target()):
@@ -287,7 +287,7 @@ def test_compiled_int8_matches_fake_quant_graph_and_saves(convnet, quantized, tm
 
 def test_integer_kernels_build_for_arm_dotprod(quantized):
     from graphopt.targets.build import build
-    from graphopt.targets.lower import lower_to_relax
+    from graphopt.targets.frontend.lower import lower_to_relax
 
     _, fused = _legalized(quantized, "arm64-dotprod")
     assert len(_integer_kernels(fused)) == 3
@@ -327,7 +327,7 @@ def _graph_fused(quantized_graph, target):
     from tvm import relax
 
     from graphopt.targets.build import fusion_passes
-    from graphopt.targets.lower import lower_to_relax
+    from graphopt.targets.frontend.lower import lower_to_relax
 
     _, fuse = fusion_passes("graph")
     with tvm.target.Target(resolve_target(target).tvm_target()):
@@ -342,7 +342,7 @@ def test_int8_with_fusion_groups_builds_integer_kernels(convnet, pipeline):
     from graphopt.passes.fuse import expected_kernels
     from graphopt.passes.fusion.groups import node_groups
     from graphopt.targets.build import kernel_launches
-    from graphopt.targets.lower import lower_to_relax
+    from graphopt.targets.frontend.lower import lower_to_relax
 
     model, calib, test = convnet
     q = graphopt.optimize(model, (test,), pipeline, calibration_data=calib)
@@ -374,7 +374,7 @@ def test_dynamic_mode_with_fusion_groups_compiles(pipeline):
     from graphopt.passes.fuse import expected_kernels
     from graphopt.passes.fusion.groups import node_groups
     from graphopt.targets.build import kernel_launches
-    from graphopt.targets.lower import lower_to_relax
+    from graphopt.targets.frontend.lower import lower_to_relax
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()

@@ -2,7 +2,7 @@
 
 Specification: with ``Tune(rpc=RPC(key, tracker))`` every measurement runs on the device
 registered under ``key``: an x86 RPC server here, and an aarch64 server running under
-qemu-user (the emulated board of targets/emulation.py), which receives libraries linked by
+qemu-user (the emulated board of targets/aarch64/emulation.py), which receives libraries linked by
 the aarch64 cross compiler. Records land in the database like local ones; the tuned module
 matches eager (x86) and the aarch64 artifact runs on the emulated board. A key no server
 has is a TuningError naming the known devices.
@@ -17,9 +17,9 @@ import torch
 
 import graphopt
 from graphopt.errors import TuningError
-from graphopt.targets.remote import LoopbackCluster
-from graphopt.targets.toolchain import find_cross_compiler
-from graphopt.targets.tuning import RPC, Tune
+from graphopt.targets.tuning.remote import LoopbackCluster
+from graphopt.targets.aarch64.toolchain import find_cross_compiler
+from graphopt.targets.tuning.tuner import RPC, Tune
 
 pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado")
 
@@ -71,7 +71,7 @@ def test_no_tracker_is_a_tuning_error(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(find_cross_compiler() is None, reason="aarch64 cross compiler not installed")
 def test_tuning_measures_on_an_emulated_aarch64_server(cluster, tmp_path):
-    from graphopt.targets.emulation import ensure_aarch64_sysroot, run_artifact_emulated
+    from graphopt.targets.aarch64.emulation import ensure_aarch64_sysroot, run_artifact_emulated
 
     try:
         env = ensure_aarch64_sysroot()

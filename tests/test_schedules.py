@@ -1,4 +1,4 @@
-"""Unit tests for graphopt's CPU schedule rules (targets/schedules).
+"""Unit tests for graphopt's CPU schedule rules (targets/cpu/schedules).
 
 Each test builds a small Relax function, runs the lead's pipeline shape up to FuseTIR,
 applies one rule, checks the rule really scheduled the func (parallel / vectorized loops
@@ -19,14 +19,14 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from targets.schedules import (  # noqa: E402
+from graphopt.targets.cpu.schedules import (  # noqa: E402
     RULES,
     cpu_layout_passes,
     cpu_schedule_pass,
     schedule_primfunc,
     simd_lanes,
 )
-from targets.schedules.base import is_scheduled  # noqa: E402
+from graphopt.targets.cpu.schedules.base import is_scheduled  # noqa: E402
 
 X86 = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
 ARM = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": 4})
@@ -314,7 +314,7 @@ def test_dense_weights_are_packed_into_register_tile_panels(n, transposed):
 def test_dense_tile_width_is_widest_for_gemv_and_power_of_two_for_gemm(rows, width):
     """N = 1000 (a classifier): one row wants the widest tile (more FMA chains), several
     rows want whole vector registers (LLVM turns <20 x float> into zmm+xmm shuffles)."""
-    from targets.schedules.matmul import gemm_j_tile
+    from graphopt.targets.cpu.schedules.matmul import gemm_j_tile
 
     assert gemm_j_tile(1000, 16, rows) == width
     a = rng.standard_normal((rows, 128), dtype=np.float32)
@@ -488,7 +488,7 @@ def test_fallback_inlines_the_copies_around_attention_matmuls():
     torch = pytest.importorskip("torch")
     import graphopt
     from graphopt.targets.build import scheduled_module
-    from graphopt.targets.lower import lower_to_relax
+    from graphopt.targets.frontend.lower import lower_to_relax
     from graphopt.targets.registry import resolve_target
 
     torch.manual_seed(0)

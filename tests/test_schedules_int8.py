@@ -1,4 +1,4 @@
-"""int8 dot-product kernels (targets/schedules/int8.py): packing, the schedule rule, the ISA.
+"""int8 dot-product kernels (targets/cpu/schedules/int8.py): packing, the schedule rule, the ISA.
 
 Each rule test builds one Relax int8 op, runs the packing pass + fusion, checks that the
 ``Int8DotProduct`` rule schedules it with the target's intrinsic, and compares the built
@@ -19,8 +19,8 @@ from graphopt.targets.registry import resolve_target
 tvm = pytest.importorskip("tvm")
 from tvm import relax, tirx  # noqa: E402
 
-from graphopt.targets.schedules import cpu_layout_passes, schedule_primfunc  # noqa: E402
-from graphopt.targets.schedules.int8 import (  # noqa: E402
+from graphopt.targets.cpu.schedules import cpu_layout_passes, schedule_primfunc  # noqa: E402
+from graphopt.targets.cpu.schedules.int8 import (  # noqa: E402
     BLOCK_F,
     BLOCK_K,
     dot_instruction,
@@ -220,7 +220,7 @@ def test_int8_model_on_x86_uses_vpdpbusd_and_matches_fake_quant(small_resnet_int
 
 def test_int8_model_cross_compiled_for_arm_dotprod_uses_sdot(small_resnet_int8):
     from graphopt.targets.build import build
-    from graphopt.targets.lower import lower_to_relax
+    from graphopt.targets.frontend.lower import lower_to_relax
 
     q, _ = small_resnet_int8
     executable = build(lower_to_relax(q), resolve_target("arm64-dotprod"), fusion="graph")

@@ -1,4 +1,4 @@
-"""The shuffle transpose of channel-blocked write-backs (targets/transpose.py): a loop marked
+"""The shuffle transpose of channel-blocked write-backs (targets/cpu/transpose.py): a loop marked
 ``graphopt.transpose`` that copies a (pixel, channel) tile to (channel, pixel) rows becomes
 whole-vector loads, a shuffle network and one store per channel, and moves every value to
 where the plain loop would have put it."""
@@ -11,11 +11,11 @@ import tvm
 from tvm.script import tirx as T
 
 import graphopt
-from graphopt.targets.tir_pipeline import TIR_PIPELINE
+from graphopt.targets.cpu.tir_pipeline import TIR_PIPELINE
 from graphopt.targets.build import fusion_mode, scheduled_module, tir_calls
-from graphopt.targets.lower import lower_to_relax
+from graphopt.targets.frontend.lower import lower_to_relax
 from graphopt.targets.registry import resolve_target
-from graphopt.targets.transpose import TRANSPOSE, lower_transposes
+from graphopt.targets.cpu.transpose import TRANSPOSE, lower_transposes
 from graphopt.testing import assert_matches_eager
 
 

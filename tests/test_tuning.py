@@ -1,4 +1,4 @@
-"""MetaSchedule autotuning into a persistent database (targets/tuning.py, tuning_store.py).
+"""MetaSchedule autotuning into a persistent database (targets/tuning/).
 
 Specification:
 * a tuned compile measures graphopt's rule schedule of each task once, then searches; the
@@ -27,7 +27,7 @@ import torch
 
 import graphopt
 from graphopt.errors import TuningError
-from graphopt.targets.tuning import RPC, Tune
+from graphopt.targets.tuning.tuner import RPC, Tune
 
 SMALL = dict(population=16, trials_per_iter=2, progress=False)
 
@@ -103,7 +103,7 @@ def test_second_compile_measures_nothing(tuned):
 
 def test_records_are_kept_per_target(tuned):
     from graphopt.targets.registry import resolve_target
-    from graphopt.targets.tuning_store import target_key
+    from graphopt.targets.tuning.store import target_key
 
     _, _, db, _, _ = tuned
     folders = [os.path.basename(p) for p in glob.glob(os.path.join(db, "*"))]
@@ -157,7 +157,7 @@ def _signal_once_recorded(proc: subprocess.Popen, db: str, records: int, sig: in
 def test_each_batch_is_on_disk_before_the_next_is_measured(tmp_path, monkeypatch):
     """Also while the search is still on its first pass over the tasks (MetaSchedule's
     gradient scheduler kept every result of that pass in memory until its end)."""
-    from graphopt.targets import remote
+    from graphopt.targets.tuning import remote
 
     db = str(tmp_path / "db")
     on_disk, measured = [], []
@@ -228,7 +228,7 @@ _WRITER_SCRIPT = textwrap.dedent("""
     import tvm
     from tvm import te, s_tir
     from tvm.s_tir import meta_schedule as ms
-    from graphopt.targets.tuning_store import TuningStore
+    from graphopt.targets.tuning.store import TuningStore
 
     writer, db = int(sys.argv[1]), sys.argv[2]
     target = tvm.target.Target("llvm")
@@ -255,7 +255,7 @@ _WRITER_SCRIPT = textwrap.dedent("""
 def test_two_writers_lose_no_record(tmp_path):
     from tvm.s_tir import meta_schedule as ms
 
-    from graphopt.targets.tuning_store import TuningStore
+    from graphopt.targets.tuning.store import TuningStore
 
     db = str(tmp_path / "db")
     procs = [subprocess.Popen([sys.executable, "-c", _WRITER_SCRIPT, str(w), db]) for w in (1, 2)]
@@ -277,7 +277,7 @@ def test_torn_last_line_is_dropped(tuned, tmp_path):
     from tvm.s_tir import meta_schedule as ms
 
     from graphopt.targets.registry import resolve_target
-    from graphopt.targets.tuning_store import TuningStore
+    from graphopt.targets.tuning.store import TuningStore
 
     _, _, db, _, _ = tuned
     copy = str(tmp_path / "db")
@@ -327,7 +327,7 @@ def test_two_tuning_processes_share_one_database(tmp_path):
     from tvm.s_tir import meta_schedule as ms
 
     from graphopt.targets.registry import resolve_target
-    from graphopt.targets.tuning_store import TuningStore
+    from graphopt.targets.tuning.store import TuningStore
 
     db, trials = str(tmp_path / "db"), 2
     script = _CONCURRENT_TUNE_SCRIPT.format(tests=os.path.dirname(__file__), trials=trials)
@@ -377,7 +377,7 @@ def test_records_of_schedules_that_relayout_buffers_persist(tmp_path):
     from tvm import s_tir, te
     from tvm.s_tir import meta_schedule as ms
 
-    from graphopt.targets.tuning_store import TuningStore
+    from graphopt.targets.tuning.store import TuningStore
 
     a = te.placeholder((4, 8), name="a")
     mod = tvm.IRModule({"main": te.create_prim_func([a, te.compute((4, 8), lambda i, j: a[i, j] * 2.0, name="b")])})
@@ -421,9 +421,9 @@ def test_rule_baselines_are_kept_and_a_tuned_kernel_must_beat_them_by_a_margin(t
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir import Schedule
 
-    from graphopt.targets import tuning
+    from graphopt.targets.tuning import tuner as tuning
     from graphopt.targets.registry import resolve_target
-    from graphopt.targets.tuning_store import TuningStore
+    from graphopt.targets.tuning.store import TuningStore
 
     _model, _x, db, _log, _module = tuned
     spec = resolve_target("x86")

@@ -1,4 +1,4 @@
-"""Winograd convolution (targets/schedules/winograd.py): which convs take it, and that the
+"""Winograd convolution (targets/cpu/schedules/winograd.py): which convs take it, and that the
 kernel computes the same conv as PyTorch, epilogue included, at batch 1 and 2."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from tvm import relax, te  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt.targets.build import fusion_mode, scheduled_module  # noqa: E402
-from graphopt.targets.lower import lower_to_relax  # noqa: E402
+from graphopt.targets.frontend.lower import lower_to_relax  # noqa: E402
 from graphopt.targets.registry import resolve_target  # noqa: E402
-from graphopt.targets.schedules import schedule_primfunc  # noqa: E402
-from graphopt.targets.schedules.elementwise import Fallback  # noqa: E402
-from graphopt.targets.schedules.winograd import (  # noqa: E402
+from graphopt.targets.cpu.schedules import schedule_primfunc  # noqa: E402
+from graphopt.targets.cpu.schedules.elementwise import Fallback  # noqa: E402
+from graphopt.targets.cpu.schedules.winograd import (  # noqa: E402
     choose_tile,
     transform_weight,
     winograd_conv2d_te,
@@ -127,7 +127,7 @@ def test_compiled_residual_block_matches_eager(batch):
     mod = scheduled_module(lower_to_relax(graph), resolve_target("x86"), fusion=fusion_mode(graph, None))
     winograd = [f for f in mod.functions.values()
                 if isinstance(f, tvm.tirx.PrimFunc) and "winograd_bgemm" in f.script()]
-    # the relu: targets/ops.py's NaN-keeping "clamp" kernel, inlined into the output transform
+    # the relu: targets/frontend/converters.py's NaN-keeping "clamp" kernel, inlined into the output transform
     assert len(winograd) == 2 and all(any(t in f.script() for t in ("T_relu", "T_maximum", "T_where", "clamp"))
                                       for f in winograd), "both convs, each with its epilogue"
     module = graphopt.compile(model, "x86", (x,))

@@ -2,14 +2,14 @@
 
 A build for a target this machine cannot run (``arm64``, ``arm64-dotprod``, ``rpi4``: any preset with a
 ``cross_triple``) is saved as an artifact (cross-linked with the aarch64 toolchain) and run by one
-:class:`~graphopt.targets.emulation_session.EmulatorSession` per process, shared by every case, stage and
+:class:`~graphopt.targets.aarch64.session.EmulatorSession` per process, shared by every case, stage and
 minimization step: the emulator and TVM's runtime start once per campaign (or once per fuzz worker process),
 not once per graph. A kernel that kills the emulated process is an ``EmulationError`` for that batch, so
 the harness re-runs it model by model and reports the culprit seed as a ``crash``; the session restarts
 itself for the next job.
 
 The emulation environment (qemu-user, the cached aarch64 sysroot) and the cross toolchain are installed on
-first use where apt can (see graphopt.targets.emulation); elsewhere every such stage fails with an
+first use where apt can (see graphopt.targets.aarch64.emulation); elsewhere every such stage fails with an
 ``EmulationError``/``ToolchainError`` that says what is missing.
 """
 
@@ -31,8 +31,8 @@ def session():
     global _session
     with _session_lock:
         if _session is None:
-            from graphopt.targets import toolchain
-            from graphopt.targets.emulation_session import EmulatorSession
+            from graphopt.targets.aarch64 import toolchain
+            from graphopt.targets.aarch64.session import EmulatorSession
 
             toolchain.ensure_cross_toolchain(install=toolchain.apt_unavailable_reason() is None)
             _session = EmulatorSession()

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from graphopt.fuzz.ops import BINARY, NOOPS, UNARY, FuzzModel
+from graphopt.fuzz.op_catalog import BINARY, NOOPS, UNARY, FuzzModel
 
 # Values larger than this (elements) are not created: fuzz graphs stay fast to build and run.
 MAX_ELEMENTS = 2048

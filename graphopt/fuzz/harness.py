@@ -13,13 +13,10 @@ A *stage* is one way of processing a captured graph whose numbers we can predict
   saved as an aarch64 artifact and run under qemu-aarch64 by one emulated process shared by
   the whole campaign (graphopt.fuzz.emulated).
 
-Numbers are compared by :func:`compare`: ``exact`` means bit-identical (NaNs in the same
-places); ``algebraic``/``half`` mean ``allclose`` with the rung's rtol and an atol scaled
-by the output's magnitude, and when that fails a float64 run of the model decides: the
-result passes if it is no further from the float64 truth than twice eager fp32's own
-error (plus atol) — a different but equally good rounding is not a bug. ``int8`` and
-``lossy`` rungs change numbers on purpose; there the fuzzer checks shapes, dtypes and
-that no NaN/inf appears where eager had none.
+Numbers are compared by :func:`graphopt.compare.compare`, the project's one comparison:
+structure, shapes, dtypes and NaN/inf placement first, then values on the stage's rung, with
+the float64 run of the models as the judge when fp32 rounding differs. A compiled int8 build
+is judged against its quantized graph run by PyTorch: the fp32 rung, else the int8 SQNR.
 
 Any exception a stage raises is a ``crash`` failure; generated models are valid by
 construction, so there is no "unsupported" excuse.
@@ -41,91 +38,15 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from graphopt.compare import RUNGS, Comparison, compare, float64_run, leaves
 from graphopt.fuzz.generator import GraphSpec, generate
-from graphopt.passes_base import TOLERANCES, registered_passes
-
-# The ladder's rungs from strictest to loosest: a pipeline sits on its loosest pass's rung.
-RUNGS = ("exact", "algebraic", "half", "int8", "lossy")
+from graphopt.passes_base import registered_passes
 
 
 # ----------------------------------------------------------------------------- comparing
-@dataclass
-class Comparison:
-    ok: bool
-    error: float  # worst max-abs difference over the outputs
-    message: str = ""
-
-
 def _as_tuple(x: Any) -> tuple[torch.Tensor, ...]:
-    if isinstance(x, (tuple, list)):
-        return tuple(torch.as_tensor(t) for t in x)
-    return (torch.as_tensor(x),)
-
-
-def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.numel() == 0:
-        return 0.0
-    d = (a.double() - b.double()).abs()
-    d = torch.where(a.isnan() & b.isnan(), torch.zeros_like(d), d)
-    return float(d.nan_to_num(nan=math.inf).max())
-
-
-def compare(expected: Any, actual: Any, tolerance: str,
-            truth: Sequence[torch.Tensor] | None = None) -> Comparison:
-    """Is ``actual`` within the ``tolerance`` rung of ``expected``? (see the module docstring)
-
-    ``truth`` is the float64 result of the same computation, used as the fallback judge.
-    """
-    exp, act = _as_tuple(expected), _as_tuple(actual)
-    if len(exp) != len(act):
-        return Comparison(False, math.inf, f"{len(act)} outputs, expected {len(exp)}")
-    worst, problems = 0.0, []
-    for i, (e, a) in enumerate(zip(exp, act)):
-        if tuple(e.shape) != tuple(a.shape) or e.dtype != a.dtype:
-            return Comparison(False, math.inf, f"output {i} is {a.dtype}{list(a.shape)}, "
-                                               f"expected {e.dtype}{list(e.shape)}")
-        err = max_abs(e, a)
-        worst = max(worst, err)
-        if tolerance == "exact":
-            same = torch.equal(e.isnan(), a.isnan()) and torch.equal(e.nan_to_num(0.0), a.nan_to_num(0.0))
-            if not same:
-                problems.append(f"output {i} is not bit-identical (max abs error {err:.3g})")
-            continue
-        rtol, atol = TOLERANCES[tolerance]
-        if math.isinf(rtol):  # int8 / lossy: numbers change on purpose; structure must not
-            new_bad = (~a.isfinite() & e.isfinite()).sum().item() if a.is_floating_point() else 0
-            if new_bad:
-                problems.append(f"output {i} has {new_bad} NaN/inf values where the reference is finite")
-            continue
-        scale = max(1.0, float(e.double().abs().nan_to_num(0.0).max()) if e.numel() else 1.0)
-        if torch.allclose(a.double(), e.double(), rtol=rtol, atol=atol * scale, equal_nan=True):
-            continue
-        if truth is not None:
-            t = truth[i].double()
-            ours, eager = max_abs(t, a), max_abs(t, e)
-            if ours <= 2 * eager + atol * scale:
-                continue
-            problems.append(f"output {i} max abs error {err:.3g} exceeds rtol={rtol:g}, atol={atol * scale:.3g} "
-                            f"(vs float64: ours {ours:.3g}, eager fp32 {eager:.3g})")
-        else:
-            problems.append(f"output {i} max abs error {err:.3g} exceeds rtol={rtol:g}, atol={atol * scale:.3g}")
-    return Comparison(not problems, worst, "; ".join(problems))
-
-
-# The backend running an int8 graph must match the graph run by PyTorch to this SQNR.
-INT8_BUILD_MIN_SQNR_DB = 20.0
-
-
-def _int8_close(expected: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]) -> Comparison:
-    from graphopt.testing import sqnr_db
-
-    shape = compare(expected, actual, "int8")
-    if not shape.ok:
-        return shape
-    worst = min((sqnr_db(e, a) for e, a in zip(expected, actual)), default=math.inf)
-    if worst < INT8_BUILD_MIN_SQNR_DB:
-        return Comparison(False, shape.error, f"SQNR {worst:.1f} dB < {INT8_BUILD_MIN_SQNR_DB:g} dB")
-    return shape
+    """A generated model's outputs as a flat tuple (the batch splits them per model)."""
+    return tuple(leaves(x))
 
 
 def loosest(rungs: Iterable[str]) -> str:
@@ -294,7 +215,7 @@ class Case:
                 results = self._per_spec(expected, actual, "algebraic", _float64_run(module.graph, self.inputs))
                 if "int8" in (p.tolerance for p in Pipeline.parse(stage.text).passes):
                     # integer kernels may round differently from PyTorch's: SQNR, per spec
-                    results = [r if r.ok else _int8_close(expected[s], actual[s])
+                    results = [r if r.ok else compare(expected[s], actual[s], "int8")
                                for r, s in zip(results, self.slices)]
                 return results
             return self._per_spec(self.eager, actual, stage.tolerance, self.truth)
@@ -322,15 +243,9 @@ class Case:
 
 
 def _float64_run(graph, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...] | None:
-    """``graph`` run in float64 (the fallback judge), or None when it cannot run so
-    (integer arithmetic, explicit float32 casts)."""
-    try:
-        gm = copy.deepcopy(graph.gm).double()
-        with torch.no_grad():
-            out = _as_tuple(gm(*[x.double() if x.is_floating_point() else x for x in inputs]))
-    except Exception:  # quantized ops reject float64 inputs: no fallback judge then
-        return None
-    return out if all(o.dtype == torch.float64 for o in out) else None
+    """``graph`` run in float64 (the fallback judge), or None when it cannot run so."""
+    out = float64_run(graph.gm, inputs)
+    return None if out is None else _as_tuple(out)
 
 
 def _describe(e: BaseException) -> str:

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.errors import GraphInvariantError
-from graphopt.passes.fusion.ops import is_compute, kind
+from graphopt.op_kinds import is_compute, kind
 
 
 def out_bytes(node: fx.Node) -> int:

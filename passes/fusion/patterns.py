@@ -23,7 +23,7 @@ from typing import Callable
 import torch.fx as fx
 
 from graphopt.passes.fusion.groups import Grouping
-from graphopt.passes.fusion.ops import is_matmul, is_scalar_scale, is_softmax, kind
+from graphopt.op_kinds import is_matmul, is_scalar_scale, is_softmax, kind
 from graphopt.passes.utils import shape
 
 

@@ -6,8 +6,8 @@
 * sensitivity.py — accuracy-aware selection of layers kept in float;
 * quantize_pass.py — the registered ``quantize`` pass (``pass`` is a Python keyword).
 
-The integer lowering of the QDQ form lives with the backend: targets/quantized.py.
+The integer lowering of the QDQ form lives with the backend: targets/frontend/quantized.py.
 """
 
-from graphopt.passes.quantize.calibrate import calibrate  # noqa: F401
+from graphopt.passes.quantize.calibration import calibrate  # noqa: F401
 from graphopt.passes.quantize.quantize_pass import Quantize  # noqa: F401

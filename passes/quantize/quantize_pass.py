@@ -16,7 +16,7 @@
   sensitivity table is left in ``graph.annotations["quantize_sensitivity"]`` and logged.
 
 The graph after the pass still runs in eager PyTorch (the fake-quant reference); the TVM
-backend turns every QDQ-wrapped op into integer kernels (targets/quantized.py).
+backend turns every QDQ-wrapped op into integer kernels (targets/frontend/quantized.py).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import ClassVar, Optional
 
 from graphopt.errors import PassError
 from graphopt.graph import Graph
-from graphopt.passes.quantize.calibrate import calibrate, calibration_batches
+from graphopt.passes.quantize.calibration import calibrate, calibration_batches
 from graphopt.passes.quantize.observers import METHODS
-from graphopt.passes.quantize.qdq import QuantOp, apply_quantization, quantizable_ops
+from graphopt.passes.quantize.insert_qdq import QuantOp, apply_quantization, quantizable_ops
 from graphopt.passes.quantize.sensitivity import choose_float_layers
 from graphopt.passes_base import GraphPass, PassResult, option, register_pass
 

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from graphopt.graph import Graph
-from graphopt.passes.quantize.qdq import QuantOp, quantizable_ops
+from graphopt.passes.quantize.insert_qdq import QuantOp, quantizable_ops
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """What quantize/dequantize (QDQ) nodes are to fusion and to the integer lowering.
 
 The quantized graph (passes/quantize/qdq.py) wraps each conv2d / linear / matmul operand
-in ``dequantize(int8)``. The TVM backend (targets/quantized.py) runs such an op as one
+in ``dequantize(int8)``. The TVM backend (targets/frontend/quantized.py) runs such an op as one
 integer kernel that reads the int8 values directly, so a dequantize whose every user is
 lowered that way emits nothing: to fusion it is a view, not a kernel (it joins no group
 and is counted as no kernel). A ``quantize`` is an elementwise op (float -> int8), so it

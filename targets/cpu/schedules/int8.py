@@ -1,6 +1,6 @@
 """int8 x int8 -> int32 conv2d / dense on dot-product instructions (x86 VNNI, aarch64 sdot).
 
-targets/quantized.py lowers every quantized conv/linear/matmul to a plain Relax
+targets/frontend/quantized.py lowers every quantized conv/linear/matmul to a plain Relax
 ``conv2d`` / ``matmul`` with an int8 input, a *constant* int8 weight and ``out_dtype=int32``.
 Scheduled like a float kernel that multiplies one byte pair per instruction; the CPUs we
 target have instructions that do four per 32-bit lane:

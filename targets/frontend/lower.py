@@ -55,7 +55,7 @@ except ImportError as e:  # pragma: no cover - TVM is a hard dependency
 FIX_CONVERTERS: dict[str, Callable[["GraphImporter", fx.Node], Any]] = {}
 EXTRA_CONVERTERS: dict[str, Callable[["GraphImporter", fx.Node], Any]] = {}
 # Modules that register converters; imported on first use so TVM-free code paths stay light.
-_CONVERTER_MODULES = ("graphopt.targets.ops", "graphopt.targets.quantized")
+_CONVERTER_MODULES = ("graphopt.targets.frontend.converters", "graphopt.targets.frontend.quantized")
 
 
 def register_converter(op_name: str, *, fixes_importer: bool = False):
@@ -376,7 +376,7 @@ def kernel_partition(graph: Graph) -> dict[fx.Node, Kernel]:
     Groups are checked first (a pass after ``fuse`` may have broken one): GraphInvariantError.
     """
     from graphopt.passes.fusion.groups import validate_groups
-    from graphopt.passes.fusion.ops import is_compute
+    from graphopt.op_kinds import is_compute
     from graphopt.printer import op_name
 
     groups = validate_groups(graph)

@@ -22,7 +22,7 @@ module reports failures with its own typed error.
 
 Example::
 
-    from graphopt.targets.toolchain import cross_compiler_fcompile
+    from graphopt.targets.aarch64.toolchain import cross_compiler_fcompile
     ex.export_library("artifact/model.so", fcompile=cross_compiler_fcompile("aarch64-linux-gnu"))
 """
 

@@ -32,15 +32,15 @@ import torch
 import torch.fx as fx
 from tvm import relax
 
-from graphopt.passes.fusion.qdq import IntegerOp, Operand, elided_dequantize, match_integer_op, operand
-from graphopt.targets.lower import register_converter
+from graphopt.qdq import IntegerOp, Operand, elided_dequantize, match_integer_op, operand
+from graphopt.targets.frontend.lower import register_converter
 
 
 def _int8_value(importer, x: Operand) -> relax.Expr:
     """The int8 Relax value of an activation operand, read through its dequantize node.
 
     An integer op's fx inputs are the dequantize nodes, not the int8 producers behind them;
-    inside a fusion-group kernel (targets/lower.py) only the op's fx inputs are parameters,
+    inside a fusion-group kernel (targets/frontend/lower.py) only the op's fx inputs are parameters,
     so reading the producer directly would reference a variable of ``main`` (FuseTIR then
     fails in MapArgsToBuffer). An elided dequantize's value *is* the int8 value.
     """
@@ -178,7 +178,7 @@ def _convert_integer_op(importer, node: fx.Node) -> relax.Expr:
     elif op.kind == "linear":
         # matmul on the transposed constant rather than relax linear (= matmul(x,
         # permute_dims(W))): the weight stays a constant operand, which is what the int8
-        # dot-product packing (targets/schedules/int8.py) recognizes
+        # dot-product packing (targets/cpu/schedules/int8.py) recognizes
         acc = relax.op.matmul(xq, relax.const(np.ascontiguousarray(wq.T)), out_dtype="int32")
         bshape = [channels]
     else:

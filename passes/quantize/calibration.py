@@ -74,7 +74,7 @@ def calibrate(graph: Graph, data: Iterable[Any], method: str = "minmax", nodes: 
     """
     from tqdm.auto import tqdm
 
-    from graphopt.passes.quantize.qdq import quantizable_ops
+    from graphopt.passes.quantize.insert_qdq import quantizable_ops
 
     batches = calibration_batches(graph, data)
     if nodes is None:

@@ -10,7 +10,7 @@ The quantized graph keeps float ops and wraps their operands in
 
 so the graph still runs in eager PyTorch as the *fake-quant reference*, stores int8
 weights (the float weight is gone) and tells the backend exactly which tensors are int8
-with which scale: targets/quantized.py rewrites each ``op(DQ(int8), DQ(int8 weight))``
+with which scale: targets/frontend/quantized.py rewrites each ``op(DQ(int8), DQ(int8 weight))``
 into int8 x int8 -> int32 compute.
 
 Conventions: weights are symmetric (zero point 0) in [-127, 127] (so a product pair never

@@ -1,9 +1,9 @@
 """One emulated aarch64 process that runs many artifacts: :class:`EmulatorSession`.
 
-:func:`graphopt.targets.emulation.run_artifact_emulated` starts ``qemu-aarch64`` once per artifact. Starting
+:func:`graphopt.targets.aarch64.emulation.run_artifact_emulated` starts ``qemu-aarch64`` once per artifact. Starting
 the emulated CPython and importing TVM's runtime costs ~2-4 s of emulation, while a small model runs in
 milliseconds; fuzzing hundreds of graphs or checking five reference models that way spends nearly all its
-time starting up. A session starts ``aarch64_runner.py --serve`` once and sends it one job per artifact
+time starting up. A session starts ``runner.py --serve`` once and sends it one job per artifact
 (a JSON line naming the artifact folder and two ``.npz`` files in the session's scratch folder); the
 runner answers each with one JSON line.
 
@@ -35,7 +35,7 @@ from graphopt.errors import EmulationError
 
 from .emulation import RUNNER_SCRIPT, EmulatorEnv, ensure_aarch64_sysroot, validate_artifact
 
-# Must equal aarch64_runner.REPLY_PREFIX (that file is a script for the emulated Python, not imported here).
+# Must equal runner.REPLY_PREFIX (that file is a script for the emulated Python, not imported here).
 REPLY_PREFIX = "@graphopt-runner "
 # Starting the emulated interpreter and importing numpy + tvm's runtime: ~2-4 s; generous for a busy host.
 START_TIMEOUT_S = 300.0
@@ -45,7 +45,7 @@ class EmulatorSession:
     """``session.run(artifact_dir, inputs) -> outputs`` for many artifacts, in one emulated process.
 
     Use as a context manager (or call :meth:`close`). ``env`` defaults to the cached environment of
-    :func:`~graphopt.targets.emulation.ensure_aarch64_sysroot`, built on first use. Thread-safe: jobs
+    :func:`~graphopt.targets.aarch64.emulation.ensure_aarch64_sysroot`, built on first use. Thread-safe: jobs
     run one at a time.
     """
 

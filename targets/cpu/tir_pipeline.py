@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import tvm
 
-from graphopt.targets.prefetch import inject_prefetch
-from graphopt.targets.transpose import lower_transposes
+from graphopt.targets.cpu.prefetch import inject_prefetch
+from graphopt.targets.cpu.transpose import lower_transposes
 
 TIR_PIPELINE = "graphopt"
 

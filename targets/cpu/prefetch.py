@@ -32,7 +32,7 @@ import tvm.sym
 from tvm import tirx
 from tvm.ir.expr import Call, TensorLoad
 
-from graphopt.targets.tir_rewrite import rewrite_annotated_loops, without_annotation
+from graphopt.targets.cpu.tir_rewrite import rewrite_annotated_loops, without_annotation
 
 PREFETCH = "graphopt.prefetch"
 CACHE_LINE = 64

@@ -32,7 +32,7 @@ import torch.fx as fx
 from tvm import relax, te, tirx, topi
 
 from graphopt.errors import UnsupportedOpError
-from graphopt.targets.lower import register_converter
+from graphopt.targets.frontend.lower import register_converter
 
 
 def _select_clamp(importer, node: fx.Node, lo: float | None, hi: float | None) -> relax.Expr:
@@ -199,7 +199,7 @@ def _max_pool_nd(importer, node: fx.Node, nd: int) -> relax.Expr:
     TVM's pools reduce with ``max``, which LLVM compiles to maxnum: a NaN in the window is dropped. This is
     the same pool written in TE with a NaN-propagating combiner (``a > b or a is NaN ? a : b``): still one
     PrimFunc with one reduction block over the (-inf padded) input, so it is one kernel in every fusion mode
-    and, for 2-d pools, the CPU pooling schedule (targets/schedules/pooling.py) matches it like topi's pool.
+    and, for 2-d pools, the CPU pooling schedule (targets/cpu/schedules/pooling.py) matches it like topi's pool.
     """
     name = f"max_pool{nd}d.default"
     args = importer.retrieve_args(node)

@@ -415,7 +415,7 @@ def write_back_transposed(sch: s_tir.Schedule, writeback, at, lanes: int, target
     ``writeback`` (the cache_write copy, epilogue folded in) is split in two: the epilogue,
     vectorized over channels into a (pixel, channel) scratch tile, and a copy from it to
     the output whose channel loop ``transpose.lower_transposes`` turns into a shuffle
-    network (targets/transpose.py).  Returns False, changing nothing, for a target whose
+    network (targets/cpu/transpose.py).  Returns False, changing nothing, for a target whose
     kernels that pass does not lower (only LLVM ones go through graphopt's TIR pipeline), or
     when the epilogue reads a per-pixel input (a residual: that would be a gather instead)
     or writes through a folded reshape or permutation."""

@@ -20,7 +20,7 @@ layers — measures nothing and costs about an untuned build; a run interrupted 
 crash resumes where its last persisted batch ended, re-measuring nothing.
 
 Seeding with graphopt's rules (issue 10). Before searching, each task that has no record yet
-gets one measurement of the schedule graphopt's own rule (targets/schedules) gives it. The
+gets one measurement of the schedule graphopt's own rule (targets/cpu/schedules) gives it. The
 rule's traced schedule is committed as an ordinary record, so (a) the evolutionary search
 starts from it (MetaSchedule seeds its population with the database's best records), and (b)
 ``apply`` never picks a tuned kernel slower than the untuned build's: where the search found
@@ -29,7 +29,7 @@ a tuned kernel must beat it by ``RULE_MARGIN`` to be applied, since MetaSchedule
 alone and warm, and the rules' schedules are made for kernels whose weights come from memory.
 
 Measurements run locally, or on a device reached over TVM RPC (``Tune(rpc=RPC(key, tracker))``,
-see targets/remote.py). Records land in the store (targets/tuning_store.py) after every batch.
+see targets/tuning/remote.py). Records land in the store (targets/tuning/store.py) after every batch.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import Any
 
 from graphopt.errors import TuningError
 from graphopt.targets.registry import TargetSpec
-from graphopt.targets.tuning_store import TuningStore, mean_seconds
+from graphopt.targets.tuning.store import TuningStore, mean_seconds
 
 # TVM is imported inside the functions: ``graphopt.Tune`` must not cost TVM's import.
 
@@ -145,7 +145,7 @@ def tuning_passes(mod: Any, spec: TargetSpec, tune: Tune, fusion: str = "tvm") -
     # pipeline it would surface as a CompilationError)
     TuningStore(tune.db, spec.to_json())
     if tune.trials:
-        from graphopt.targets import remote
+        from graphopt.targets.tuning import remote
 
         remote.check_measurable(spec, tune.rpc)
     tuner = _Tuner(spec, tune)
@@ -203,8 +203,8 @@ class _Tuner:
     def run(self, mod: Any) -> None:
         from tvm.s_tir import meta_schedule as ms
 
-        from graphopt.targets import remote
-        from graphopt.targets.tuning_progress import Progress, estimate_ms
+        from graphopt.targets.tuning import remote
+        from graphopt.targets.tuning.progress import Progress, estimate_ms
 
         started = time.perf_counter()
         target = self.spec.tvm_target()
@@ -230,7 +230,7 @@ class _Tuner:
             builder, runner = remote.builder_for(self.spec, self.tune.rpc), remote.runner_for(self.spec, self.tune.rpc)
             progress = Progress(self, tasks, store, total=sum(share - counts[i] for i in todo), started=started)
             # Ctrl-C: what was measured is on disk, nothing is marked done, and KeyboardInterrupt
-            # is raised here, after the search has returned (tuning_progress module doc).
+            # is raised here, after the search has returned (targets/tuning/progress.py).
             with progress.deferred_interrupt():
                 try:
                     if self.tune.seed_with_rules and self.spec.is_cpu:
@@ -262,7 +262,7 @@ class _Tuner:
         """One measured record per task: the schedule graphopt's rules give it (see module doc)."""
         from tvm.s_tir import meta_schedule as ms
 
-        from graphopt.targets.tuning_progress import FAILED_SECS
+        from graphopt.targets.tuning.progress import FAILED_SECS
         seeds = []
         for task in tasks:
             sch = _rule_schedule(task.dispatched[0], target)
@@ -351,7 +351,7 @@ def _register_tensor_intrinsics(spec: TargetSpec) -> None:
 def _rule_schedule(workload: Any, target: Any):
     """The traced schedule graphopt's first applicable rule gives ``workload``, or None."""
     try:
-        from graphopt.targets.schedules import RULES
+        from graphopt.targets.cpu.schedules import RULES
     except ImportError:  # the rules are optional (issue 10)
         return None
     func = workload["main"]

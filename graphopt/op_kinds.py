@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 import torch.fx as fx
 
-from graphopt.passes.fusion.qdq import DEQUANTIZE, QUANTIZE, elided_dequantize
+from graphopt.qdq import DEQUANTIZE, QUANTIZE, elided_dequantize
 
 aten = torch.ops.aten
 

@@ -20,7 +20,7 @@ memory until the last task had been searched (mobilenet_v2: 15 minutes, all lost
 Ctrl-C at minute 14).
 
 ``LoopbackCluster`` starts a tracker and RPC servers on 127.0.0.1 — one on this machine, or
-an aarch64 one running under qemu-user in the emulated environment of targets/emulation.py —
+an aarch64 one running under qemu-user in the emulated environment of targets/aarch64/emulation.py —
 for tests and for trying remote tuning without a board.
 """
 
@@ -55,7 +55,7 @@ def build_candidate(mod: Any, target: Any, _params: Any) -> Any:
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    from graphopt.targets.tir_pipeline import tir_pipeline_for
+    from graphopt.targets.cpu.tir_pipeline import tir_pipeline_for
 
     return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target,
                      pipeline=tir_pipeline_for(target))
@@ -70,7 +70,7 @@ def export_host_library(mod: Any) -> str:
 
 def export_aarch64_library(mod: Any) -> str:
     """Builder export step for aarch64 devices: a ``.so`` linked by the aarch64 cross compiler."""
-    from graphopt.targets.toolchain import cross_compiler_fcompile
+    from graphopt.targets.aarch64.toolchain import cross_compiler_fcompile
 
     path = os.path.join(tempfile.mkdtemp(prefix="graphopt-ms-"), "candidate.so")
     mod.export_library(path, fcompile=cross_compiler_fcompile("aarch64-linux-gnu"))
@@ -79,7 +79,7 @@ def export_aarch64_library(mod: Any) -> str:
 
 def builder_for(spec: TargetSpec, rpc: Any) -> Any:
     if spec.cross_triple and spec.arch == "aarch64":
-        from graphopt.targets.toolchain import ensure_cross_toolchain
+        from graphopt.targets.aarch64.toolchain import ensure_cross_toolchain
 
         ensure_cross_toolchain()  # fail now, with the install command, not inside a build worker
         return ms.builder.LocalBuilder(f_build=build_candidate, f_export=export_aarch64_library,
@@ -182,7 +182,7 @@ class LoopbackCluster:
 
     def add_emulated_aarch64_server(self, key: str, env: Any = None, port: int = 19700) -> None:
         """An aarch64 RPC server under qemu-user (``env``: an EmulatorEnv; built/cached if None)."""
-        from graphopt.targets.emulation import ensure_aarch64_sysroot
+        from graphopt.targets.aarch64.emulation import ensure_aarch64_sysroot
 
         env = env or ensure_aarch64_sysroot()
         # Not `python -m tvm.exec.rpc_server`: that runs the server in a PopenWorker, a child
@@ -199,7 +199,7 @@ class LoopbackCluster:
         self._logs = getattr(self, "_logs", []) + [log]
 
     def wait_for(self, key: str, timeout_s: float = 180.0) -> None:
-        from graphopt.targets.tuning import RPC
+        from graphopt.targets.tuning.tuner import RPC
 
         for proc, log in zip(self._procs, getattr(self, "_logs", [])):
             if proc.poll() is not None:

@@ -6,8 +6,8 @@ on-device runner: copy it next to an artifact on a real arm64 board and run it t
 
 Protocol (files, because the emulator is a separate process with its own interpreter):
 
-    python3 aarch64_runner.py ARTIFACT_DIR INPUTS.npz OUTPUTS.npz
-    python3 aarch64_runner.py --serve
+    python3 runner.py ARTIFACT_DIR INPUTS.npz OUTPUTS.npz
+    python3 runner.py --serve
 
 * ``INPUTS.npz`` holds the inputs as ``arg0, arg1, ...`` in the order of the entry function's parameters.
 * ``OUTPUTS.npz`` receives the outputs as ``out0, out1, ...``, the VM's result flattened depth-first

@@ -3,7 +3,7 @@
 An artifact cross-compiled for aarch64 can only be trusted once it has *run* on aarch64 and matched eager
 PyTorch. Without a board, qemu-user does it: ``qemu-aarch64 -L SYSROOT`` runs an aarch64 Linux program,
 resolving its dynamic loader and libraries inside SYSROOT. The program here is an aarch64 CPython 3.11 that
-imports the aarch64 wheels of TVM's runtime and numpy, and runs ``aarch64_runner.py`` on the artifact.
+imports the aarch64 wheels of TVM's runtime and numpy, and runs ``runner.py`` on the artifact.
 
 The emulated environment (an ``EmulatorEnv``) is a folder with two parts:
 
@@ -76,10 +76,10 @@ SYSROOT_DEBS = (
 # fmt: on
 
 STAMP_FILE = "graphopt-env.json"
-RUNNER_SCRIPT = Path(__file__).with_name("aarch64_runner.py")
+RUNNER_SCRIPT = Path(__file__).with_name("runner.py")
 # Waiting for another process's build longer than this means it is stuck (a build takes ~20-60 s).
 _LOCK_TIMEOUT_S = 3600.0
-# Imports exactly what aarch64_runner.py imports (~2 s emulated; the full `import tvm` takes ~8 s).
+# Imports exactly what runner.py imports (~2 s emulated; the full `import tvm` takes ~8 s).
 _SMOKE_TEST = (
     "import os, sys; os.environ['TVM_USE_RUNTIME_LIB'] = '1'\n"
     "import numpy, tvm\n"

@@ -34,8 +34,8 @@ from tvm import tirx
 from tvm.ir.expr import TensorLoad
 from tvm.tirx import _ffi_api
 
-from graphopt.targets.schedules.base import const_int
-from graphopt.targets.tir_rewrite import rewrite_annotated_loops, without_annotation
+from graphopt.targets.cpu.schedules.base import const_int
+from graphopt.targets.cpu.tir_rewrite import rewrite_annotated_loops, without_annotation
 
 TRANSPOSE = "graphopt.transpose"
 

@@ -1,0 +1,1 @@
+"""aarch64 cross-compilation and emulation: toolchain, qemu-user sysroot, the emulated runner."""

@@ -1,0 +1,1 @@
+"""CPU code generation: Relax legalizations, the schedule rules, graphopt's TIR passes and pipeline."""
