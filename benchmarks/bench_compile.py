@@ -52,7 +52,7 @@ def bench(name: str, batch: int, pipeline: str, folder: str) -> list[object]:
     t = time.perf_counter()
     module = graphopt.compile(model, "x86", (x,), pipeline)
     compile_s = time.perf_counter() - t
-    assert_matches_eager(module(x), model, (x,), rtol=1e-4, atol=1e-5 * max(1.0, float(model(x).abs().max())))
+    assert_matches_eager(module(x), model, (x,))
     runners = {"graphopt": lambda: module(x), "eager": peers.eager(model, x)}
     compiled_run, _mode = peers.torch_compile(model, x)
     if compiled_run is not None:

@@ -6,8 +6,9 @@ the graph runs on the inputs and is compared with the graph before the pass, on 
 pass's rung of the tolerance ladder (docs/TOLERANCES.md): exact passes must be
 bit-identical, algebraic ones within rtol 1e-4 / atol 1e-5 with the float64 fallback.
 The first pass that leaves its tolerance — or raises — is the culprit. ``int8`` passes
-are held to an SQNR of 20 dB against the graph before them; ``lossy`` ones (pruning)
-change numbers on purpose and are never blamed for it.
+are held to the int8 SQNR against the graph before them; ``lossy`` ones (pruning) change
+numbers on purpose and are blamed only for a changed shape or dtype or a new NaN/inf.
+Every check is :func:`graphopt.compare.compare`.
 
 To find the node, both graphs (before and after the culprit) are run with every
 intermediate value recorded; nodes are matched by name (passes keep the names of nodes
@@ -29,13 +30,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from graphopt.compare import compare, leaves
 from graphopt.graph import Graph
 from graphopt.passes_base import GraphPass
 from graphopt.pipeline import Pipeline
 
 # Composite passes and the passes they run, in order (see passes/fold.py).
 COMPOSITES: dict[str, str] = {"fold": "noop,fold-bn,fold-const,cse,dce"}
-INT8_MIN_SQNR_DB = 20.0
 
 
 @dataclass
@@ -109,15 +110,15 @@ def _record(graph: Graph, inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
 
 
 def _differs(a: Any, b: Any, tolerance: str) -> float | None:
-    """Max abs error when tensors ``a`` and ``b`` differ beyond ``tolerance``, else None."""
-    from graphopt.fuzz.harness import compare, max_abs
+    """Max abs error when tensors ``a`` and ``b`` differ beyond ``tolerance``, else None.
 
+    Inside an int8 or pruned graph, intermediate values are judged on the algebraic rung:
+    the first node that changed at all is where the pass's change starts."""
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         return None
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return math.inf
     rung = tolerance if tolerance in ("exact", "algebraic", "half") else "algebraic"
-    return None if compare((a,), (b,), rung).ok else max_abs(a, b)
+    verdict = compare(a, b, rung)
+    return None if verdict.ok else verdict.error
 
 
 def _localize(before: Graph, after: Graph, inputs: tuple[torch.Tensor, ...], tolerance: str,
@@ -155,28 +156,12 @@ def _ancestors(node: fx.Node) -> set[str]:
     return seen
 
 
-def _judge(before: tuple[torch.Tensor, ...], after: tuple[torch.Tensor, ...], tolerance: str,
-           truth: tuple[torch.Tensor, ...] | None) -> tuple[bool, str]:
-    from graphopt.fuzz.harness import compare
-    from graphopt.testing import sqnr_db
-
-    if tolerance == "lossy":
-        return True, ""
-    if tolerance == "int8":
-        worst = min((sqnr_db(b, a) for b, a in zip(before, after)), default=math.inf)
-        ok = worst >= INT8_MIN_SQNR_DB and len(before) == len(after)
-        return ok, "" if ok else f"SQNR {worst:.1f} dB < {INT8_MIN_SQNR_DB:g} dB"
-    c = compare(before, after, tolerance, truth)
-    return c.ok, c.message
-
-
 def bisect(model: "torch.nn.Module | Graph", inputs: Any = None, pipeline: "str | Pipeline" = "default", *,
            target: Any = None, calibration_data: Any = None) -> BisectResult:
     """Run ``pipeline`` pass by pass over ``model`` and name the first pass (and node) that
     leaves tolerance. See the module docstring."""
     from graphopt.api import _as_graph
     from graphopt.capture import normalize_inputs
-    from graphopt.fuzz.harness import _as_tuple, max_abs
 
     graph = _as_graph(model, inputs, None)
     inputs = normalize_inputs(inputs) if inputs is not None else graph.example_inputs
@@ -186,7 +171,7 @@ def bisect(model: "torch.nn.Module | Graph", inputs: Any = None, pipeline: "str 
     if isinstance(model, torch.nn.Module) and all(x.is_floating_point() for x in inputs):
         m64 = copy.deepcopy(model).double().eval()
         with torch.no_grad():
-            truth = _as_tuple(m64(*[x.double() for x in inputs]))
+            truth = tuple(leaves(m64(*[x.double() for x in inputs])))
     current = graph.copy()
     if calibration_data is not None:
         current.annotations["calibration_data"] = calibration_data
@@ -201,12 +186,11 @@ def bisect(model: "torch.nn.Module | Graph", inputs: Any = None, pipeline: "str 
             result.culprit, result.culprit_index = str(p), index
             result.message = f"raised {type(e).__name__}: {e}"
             return result
-        ok, message = _judge(previous, outputs, p.tolerance, truth if p.tolerance != "exact" else None)
-        step = max((max_abs(a, b) for a, b in zip(previous, outputs)), default=0.0)
-        total = max((max_abs(a, b) for a, b in zip(original, outputs)), default=0.0)
-        result.steps.append(BisectStep(str(p), p.tolerance, step, total, ok, message))
-        if not ok:
-            result.culprit, result.culprit_index, result.message = str(p), index, message
+        verdict = compare(previous, outputs, p.tolerance, truth)
+        total = compare(original, outputs, "exact").error
+        result.steps.append(BisectStep(str(p), p.tolerance, verdict.error, total, verdict.ok, verdict.message))
+        if not verdict.ok:
+            result.culprit, result.culprit_index, result.message = str(p), index, verdict.message
             _localize(before, current, inputs, p.tolerance, result)
             return result
         previous = outputs
@@ -220,12 +204,11 @@ def bisect(model: "torch.nn.Module | Graph", inputs: Any = None, pipeline: "str 
 def _check_build(graph: Graph, expected: tuple[torch.Tensor, ...], inputs: tuple[torch.Tensor, ...], target: Any,
                  truth: tuple[torch.Tensor, ...] | None, result: BisectResult) -> None:
     import graphopt
-    from graphopt.fuzz.harness import _as_tuple, compare
 
     name = f"build:{target if isinstance(target, str) else 'custom'}"
     try:
         module = graphopt.compile(graph, target, pipeline="none")
-        actual = _as_tuple(module(*inputs))
+        actual = tuple(leaves(module(*inputs)))
     except Exception as e:  # the backend raising is a finding too
         result.steps.append(BisectStep(name, "algebraic", math.inf, math.inf, False, f"raised {e}"))
         result.culprit, result.message = name, f"raised {type(e).__name__}: {e}"

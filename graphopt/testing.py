@@ -1,66 +1,46 @@
-"""Numerical comparison helpers for tests and benchmarks (the tolerance ladder in code).
+"""Assertions for tests and benchmarks: outputs against eager PyTorch on a rung of the
+tolerance ladder (docs/TOLERANCES.md).
 
-``assert_matches_eager`` compares an optimized or compiled model's outputs with eager
-PyTorch at the fp32 rung (rtol 1e-4, atol 1e-5). When that fails it falls back to a
-float64 run of the model: a result is accepted if it is no further from the float64
-truth than eager fp32 itself is (twice, plus atol), since then the difference is fp32
-rounding in a different order, not a bug.
+Both assertions are thin wrappers over :func:`graphopt.compare.compare`, the one comparison
+the whole project uses: structure, shapes, dtypes and NaN/inf placement first, then values
+(with the float64 fallback on the ``algebraic`` and ``half`` rungs).
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Sequence
 
 import torch
 
+from graphopt.compare import (INT8_MIN_SQNR_DB, RUNGS, Comparison, compare, cosine, float64_run, leaves,
+                              max_abs, sqnr_db)
 
-def _tuple(x: Any) -> tuple[torch.Tensor, ...]:
-    if isinstance(x, (tuple, list)):
-        return tuple(torch.as_tensor(t) for t in x)
-    return (torch.as_tensor(x),)
-
-
-def assert_close(actual: Any, expected: Any, rtol: float = 1e-4, atol: float = 1e-5, what: str = "output") -> None:
-    a_all, e_all = _tuple(actual), _tuple(expected)
-    if len(a_all) != len(e_all):
-        raise AssertionError(f"{what}: {len(a_all)} outputs, expected {len(e_all)}")
-    for i, (a, e) in enumerate(zip(a_all, e_all)):
-        if a.shape != e.shape:
-            raise AssertionError(f"{what} {i}: shape {tuple(a.shape)} != {tuple(e.shape)}")
-        if a.dtype != e.dtype:
-            raise AssertionError(f"{what} {i}: dtype {a.dtype} != {e.dtype}")
-        if not torch.allclose(a.double(), e.double(), rtol=rtol, atol=atol, equal_nan=True):
-            err = (a.double() - e.double()).abs().max().item()
-            raise AssertionError(f"{what} {i}: max abs error {err:.3g} exceeds rtol={rtol:g}, atol={atol:g}")
+__all__ = ["INT8_MIN_SQNR_DB", "RUNGS", "Comparison", "assert_close", "assert_matches_eager", "compare",
+           "cosine", "float64_run", "leaves", "max_abs", "sqnr_db"]
 
 
-def assert_matches_eager(actual: Any, model: torch.nn.Module, inputs: Sequence[torch.Tensor],
-                         rtol: float = 1e-4, atol: float = 1e-5) -> None:
-    """Assert ``actual`` equals ``model(*inputs)`` at the fp32 rung, with the float64 fallback."""
+def _as_graph_returns(actual: Any, expected: Any) -> Any:
+    # A Graph returns a tuple even for one output (graphopt.Graph.__call__); a model returning
+    # one bare tensor means the same thing. The other way round (the model returns a tuple and
+    # ``actual`` is bare) is a lost structure, and is not unwrapped.
+    if isinstance(actual, tuple) and len(actual) == 1 and isinstance(expected, torch.Tensor):
+        return actual[0]
+    return actual
+
+
+def assert_close(actual: Any, expected: Any, tolerance: str = "algebraic", truth: Any = None,
+                 what: str = "") -> None:
+    """Assert ``actual`` is within the ``tolerance`` rung of ``expected`` (optionally with a
+    float64 ``truth``, or a function returning it, as the fallback judge)."""
+    result = compare(expected, _as_graph_returns(actual, expected), tolerance, truth)
+    if not result.ok:
+        raise AssertionError(f"{what}: {result.message}" if what else result.message)
+
+
+def assert_matches_eager(actual: Any, model: torch.nn.Module, inputs: Sequence[Any],
+                         tolerance: str = "algebraic") -> None:
+    """Assert ``actual`` equals ``model(*inputs)`` on the ``tolerance`` rung (compiled fp32
+    builds: ``algebraic``), judged by the model run in float64 when fp32 rounding differs."""
     with torch.no_grad():
-        expected = _tuple(model(*inputs))
-    try:
-        assert_close(actual, expected, rtol, atol)
-        return
-    except AssertionError as first:
-        m64 = copy.deepcopy(model).double()
-        with torch.no_grad():
-            truth = _tuple(m64(*[x.double() if x.is_floating_point() else x for x in inputs]))
-        for a, e, t in zip(_tuple(actual), expected, truth):
-            ours = (a.double() - t).abs().max().item()
-            eager = (e.double() - t).abs().max().item()
-            if ours > 2 * eager + atol:
-                raise AssertionError(f"{first}; vs float64: ours {ours:.3g}, eager fp32 {eager:.3g}") from None
-
-
-def cosine(a: Any, b: Any) -> float:
-    a, b = torch.as_tensor(a).double().flatten(), torch.as_tensor(b).double().flatten()
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-
-
-def sqnr_db(reference: Any, test: Any) -> float:
-    """Signal-to-quantization-noise ratio in dB of ``test`` against ``reference``."""
-    r, t = torch.as_tensor(reference).double(), torch.as_tensor(test).double()
-    noise = (r - t).pow(2).mean()
-    return float("inf") if noise == 0 else float(10 * torch.log10(r.pow(2).mean() / noise))
+        expected = model(*inputs)
+    assert_close(actual, expected, tolerance, truth=lambda: float64_run(model, inputs))

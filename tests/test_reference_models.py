@@ -18,7 +18,7 @@ def test_default_pipeline_keeps_outputs(name):
     ref = REFERENCE_MODELS[name]
     model, x = ref.build(), ref.example_input()
     graph = graphopt.optimize(model, (x,), "fold", verify=True)
-    assert_close(graph(x), model(x), rtol=1e-4, atol=1e-5)
+    assert_close(graph(x), model(x), "algebraic")
     assert "_native_batch_norm_legit_no_training" not in graph.summary().op_counts
 
 
