@@ -1,4 +1,4 @@
-"""Structured pruning that physically shrinks the model (issue 5).
+"""Structured pruning that physically shrinks the model.
 
 * dependency.py / propagation.py: :class:`ChannelDependencyGraph`, the groups of coupled
   channels, neurons and attention heads of a graph;
