@@ -17,7 +17,8 @@ from graphopt.bisect import bisect  # noqa: E402
 from graphopt.calibrate import calibrate  # noqa: E402
 from graphopt.capture import capture  # noqa: E402
 from graphopt.finetune import finetune  # noqa: E402
-from graphopt.graph import Graph, GraphSummary  # noqa: E402
+from graphopt.graph import Graph  # noqa: E402
+from graphopt.summary import GraphSummary  # noqa: E402
 from graphopt.passes_base import GraphPass, PassResult, option, register_pass  # noqa: E402
 from graphopt.pipeline import Pipeline  # noqa: E402
 from graphopt.targets.tuning.tuner import RPC, Tune  # noqa: E402

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -32,6 +32,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from graphopt.errors import GraphInvariantError, InputError
+from graphopt.summary import GraphSummary, summarize
 
 
 @dataclass(frozen=True)
@@ -261,9 +262,7 @@ class Graph:
         return g
 
     # -------------------------------------------------------------- analysis
-    def summary(self) -> "GraphSummary":
-        from graphopt.summary import summarize
-
+    def summary(self) -> GraphSummary:
         return summarize(self)
 
     def to_networkx(self):
@@ -298,33 +297,3 @@ def check_shape(spec: TensorSpec, shape: tuple[int, ...], dtype: str) -> None:
         if isinstance(want, int) and want != got:
             raise InputError(f"input {spec.name!r}: expected shape {shown}, got {shape} "
                              f"(dimension {axis} must be {want})")
-
-
-@dataclass
-class NodeCost:
-    name: str
-    op: str
-    shape: tuple
-    flops: int
-    macs: int
-    out_bytes: int
-    fusion_group: int | None = None
-
-
-@dataclass
-class GraphSummary:
-    """Op counts, parameters and FLOPs of a graph; prints as a table."""
-
-    name: str
-    op_counts: dict[str, int]
-    params: int
-    bytes: int
-    flops: int
-    macs: int
-    nodes: list[NodeCost] = field(default_factory=list)
-    fusion_groups: dict[int, list[str]] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        from graphopt.summary import format_summary
-
-        return format_summary(self)

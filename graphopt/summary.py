@@ -9,13 +9,42 @@ and ptflops.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
-from graphopt.graph import GraphSummary, NodeCost
 from graphopt.printer import op_name
+
+
+
+@dataclass
+class NodeCost:
+    name: str
+    op: str
+    shape: tuple
+    flops: int
+    macs: int
+    out_bytes: int
+    fusion_group: int | None = None
+
+
+@dataclass
+class GraphSummary:
+    """Op counts, parameters and FLOPs of a graph; prints as a table."""
+
+    name: str
+    op_counts: dict[str, int]
+    params: int
+    bytes: int
+    flops: int
+    macs: int
+    nodes: list[NodeCost] = field(default_factory=list)
+    fusion_groups: dict[int, list[str]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return format_summary(self)
 
 
 def _node_flops(graph, node: fx.Node) -> int:

@@ -16,7 +16,7 @@ import torch
 from graphopt.fuzz import GraphSpec, check_spec, generate, minimize, pass_stages
 from graphopt.fuzz.op_catalog import BINARY, UNARY
 from graphopt.fuzz.harness import Case, Stage, compare, default_stages, pipeline_tolerance
-from graphopt.fuzz.minimize import minimize_failure
+from graphopt.fuzz.campaign import minimize_failure
 
 GRAPHS = 100
 BATCH = 10

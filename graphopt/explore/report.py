@@ -9,8 +9,10 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-from graphopt.explore.search import ExploreResult
+if TYPE_CHECKING:  # the result type only; search.py calls write_report
+    from graphopt.explore.search import ExploreResult
 
 
 def write_report(result: ExploreResult, folder: str) -> str:

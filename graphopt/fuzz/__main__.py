@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from graphopt.fuzz.harness import default_stages, fuzz
+    from graphopt.fuzz.campaign import fuzz
+    from graphopt.fuzz.harness import default_stages
 
     names = [p.strip() for p in args.passes.split(",")] if args.passes else None
     passes = [p for p in names if p and p != "none"] if names is not None else None

@@ -31,15 +31,14 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 import traceback
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from graphopt.compare import RUNGS, Comparison, compare, float64_run, leaves
-from graphopt.fuzz.generator import GraphSpec, generate
+from graphopt.fuzz.generator import GraphSpec
 from graphopt.passes_base import registered_passes
 
 
@@ -112,8 +111,6 @@ class Failure:
     minimized: GraphSpec | None = None
 
     def reproducer(self) -> str:
-        from graphopt.fuzz.minimize import reproducer
-
         return reproducer(self)
 
 
@@ -266,66 +263,6 @@ def check_spec(spec: "GraphSpec | Sequence[GraphSpec]", stages: Sequence[Stage])
     return case.check(stages)
 
 
-# ----------------------------------------------------------------------------- campaign
-@dataclass
-class Report:
-    graphs: int = 0
-    ops: int = 0
-    seconds: float = 0.0
-    stages: list[str] = field(default_factory=list)
-    failures: list[Failure] = field(default_factory=list)
-
-    def summary(self) -> str:
-        lines = [f"fuzzed {self.graphs} graphs ({self.ops} ops) through {len(self.stages)} stages "
-                 f"in {self.seconds:.1f} s: {len(self.failures)} failure(s)"]
-        by_stage: dict[str, int] = {}
-        for f in self.failures:
-            by_stage[f.stage] = by_stage.get(f.stage, 0) + 1
-        for stage, n in sorted(by_stage.items()):
-            lines.append(f"  {stage}: {n}")
-        return "\n".join(lines)
-
-
-def fuzz(graphs: int, seed: int = 0, stages: Sequence[Stage] | None = None, *, max_ops: int = 10,
-         batch: int = 8, minimize: bool = True, isolate: bool = False,
-         log: Callable[[str], None] | None = print) -> Report:
-    """Generate ``graphs`` models (seeds ``seed``, ``seed+1``, ...) and check each in ``stages``,
-    ``batch`` models per capture and build.
-
-    Each failure is minimized (unless ``minimize=False``) and logged with its reproducer.
-    ``isolate=True`` checks in a worker process (graphopt.fuzz.isolate), so a model whose
-    compiled code kills the process is reported instead of ending the campaign.
-    """
-    from graphopt.fuzz.minimize import minimize_failure
-
-    checker: Callable[..., list[Failure]] = check_spec
-    if isolate:
-        from graphopt.fuzz.isolate import IsolatedChecker
-
-        checker = IsolatedChecker()
-
-    stages = list(stages) if stages is not None else default_stages()
-    report = Report(stages=[s.name for s in stages])
-    start = time.perf_counter()
-    for first in range(seed, seed + graphs, batch):
-        specs = [generate(s, max_ops=max_ops) for s in range(first, min(first + batch, seed + graphs))]
-        report.graphs += len(specs)
-        report.ops += sum(len(spec.ops) for spec in specs)
-        for failure in checker(specs, stages):
-            if minimize:
-                failure.minimized = minimize_failure(failure, stages, checker)
-            report.failures.append(failure)
-            if log:
-                log(failure.reproducer())
-        if log and report.graphs % 50 < batch:
-            log(f"... {report.graphs} graphs, {len(report.failures)} failure(s), "
-                f"{time.perf_counter() - start:.0f} s")
-    report.seconds = time.perf_counter() - start
-    if isolate:
-        checker.close()
-    return report
-
-
 def stage_named(name: str) -> Stage:
     """The Stage a name like ``pass:cse``, ``pipeline:fold`` or ``build:x86[fold]`` stands for."""
     if name == "capture":
@@ -339,3 +276,18 @@ def stage_named(name: str) -> Stage:
         ratio_zero = "ratio=0" in rest and "ratio=0." not in rest.replace("ratio=0.0", "")
         return Stage(kind, rest, "exact" if ratio_zero else pipeline_tolerance(rest))
     raise ValueError(f"unknown fuzz stage {name!r}: expected capture, pass:NAME, pipeline:TEXT or build:TARGET[TEXT]")
+
+
+def reproducer(failure: Failure) -> str:
+    """Text to paste into an issue or a regression test: the seed, the error, the model."""
+    spec = failure.minimized or failure.spec
+    title = "minimized" if failure.minimized is not None else "not minimized"
+    stage = failure.stage
+    return (f"=== fuzz failure: seed {failure.seed}, stage {stage}, {failure.kind} ===\n"
+            f"{failure.message}\n"
+            f"--- model ({title}: {len(spec.ops)} of {len(failure.spec.ops)} ops) ---\n"
+            f"{spec.describe()}\n"
+            f"--- reproduce: python -m graphopt.fuzz --seed {failure.seed} --graphs 1, or ---\n"
+            f"from graphopt.fuzz import GraphSpec, Op, check_spec, stage_named\n"
+            f"spec = {spec!r}\n"
+            f"print(check_spec(spec, [stage_named({stage!r})]))\n")

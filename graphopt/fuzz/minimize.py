@@ -15,7 +15,7 @@ Weights are seeded per op and inputs per value id, so shrinking does not reshuff
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 from graphopt.fuzz.generator import GraphSpec, Op
 
@@ -63,32 +63,3 @@ def minimize(spec: GraphSpec, still_fails: Callable[[GraphSpec], bool], max_chec
             if checks >= max_checks:
                 break
     return spec
-
-
-def minimize_failure(failure, stages: Sequence, checker: Callable | None = None) -> GraphSpec:
-    """Minimize ``failure.spec`` for the stage it failed in; ``checker`` defaults to check_spec."""
-    from graphopt.fuzz.harness import check_spec
-
-    checker = checker or check_spec
-    stage = next((s for s in stages if s.name == failure.stage), None)
-    needed = [stage] if stage is not None else []
-
-    def still_fails(candidate: GraphSpec) -> bool:
-        return any(f.stage == failure.stage and f.kind == failure.kind for f in checker(candidate, needed))
-
-    return minimize(failure.spec, still_fails)
-
-
-def reproducer(failure) -> str:
-    """Text to paste into an issue or a regression test: the seed, the error, the model."""
-    spec = failure.minimized or failure.spec
-    title = "minimized" if failure.minimized is not None else "not minimized"
-    stage = failure.stage
-    return (f"=== fuzz failure: seed {failure.seed}, stage {stage}, {failure.kind} ===\n"
-            f"{failure.message}\n"
-            f"--- model ({title}: {len(spec.ops)} of {len(failure.spec.ops)} ops) ---\n"
-            f"{spec.describe()}\n"
-            f"--- reproduce: python -m graphopt.fuzz --seed {failure.seed} --graphs 1, or ---\n"
-            f"from graphopt.fuzz import GraphSpec, Op, check_spec, stage_named\n"
-            f"spec = {spec!r}\n"
-            f"print(check_spec(spec, [stage_named({stage!r})]))\n")

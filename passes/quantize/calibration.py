@@ -8,7 +8,7 @@ activation inputs of every quantizable op (qdq.quantizable_ops), which is all th
 ``quantize`` pass needs.
 
 Data items are a tensor or a tuple/list of the graph inputs (``(x, label)`` pairs from a
-DataLoader work for a single-input graph; graphopt.calibrate.check_calibration_data). A graph captured with a static
+DataLoader work for a single-input graph; graphopt.data.check_calibration_data). A graph captured with a static
 batch cannot run a bigger batch (export bakes the batch into reshapes), so batches are
 split into chunks of the captured batch size when it differs.
 """
@@ -20,6 +20,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
+from graphopt.data import check_calibration_data
 from graphopt.errors import InputError
 from graphopt.graph import Graph
 from graphopt.passes.quantize.observers import Observer, make_observer
@@ -27,8 +28,6 @@ from graphopt.passes.quantize.observers import Observer, make_observer
 
 def calibration_batches(graph: Graph, data: Iterable[Any]) -> list[tuple[torch.Tensor, ...]]:
     """Normalize ``data`` into a list of input tuples that fit ``graph``'s input specs."""
-    from graphopt.calibrate import check_calibration_data  # graphopt.calibrate imports this module
-
     static_batch = _static_batch(graph)
     batches: list[tuple[torch.Tensor, ...]] = []
     # tuples of exactly the graph's inputs (count, rank, shape, dtype checked: CalibrationError)

@@ -7,6 +7,11 @@ from typing import Callable
 from tvm import tirx
 
 
+def const_int(expr) -> int | None:
+    """The value of a constant integer expression, None for anything else."""
+    return int(expr.value) if isinstance(expr, tirx.IntImm) else None
+
+
 def rewrite_annotated_loops(stmt, key: str, rewrite: Callable[[tirx.For, object], object]):
     """``stmt`` with every loop annotated ``key`` replaced by ``rewrite(loop, body)``, where
     ``body`` is the loop's body already rewritten; returns ``stmt`` itself when nothing

@@ -34,8 +34,7 @@ from tvm import tirx
 from tvm.ir.expr import TensorLoad
 from tvm.tirx import _ffi_api
 
-from graphopt.targets.cpu.schedules.base import const_int
-from graphopt.targets.cpu.tir_rewrite import rewrite_annotated_loops, without_annotation
+from graphopt.targets.cpu.tir_rewrite import const_int, rewrite_annotated_loops, without_annotation
 
 TRANSPOSE = "graphopt.transpose"
 

@@ -199,7 +199,7 @@ class LoopbackCluster:
         self._logs = getattr(self, "_logs", []) + [log]
 
     def wait_for(self, key: str, timeout_s: float = 180.0) -> None:
-        from graphopt.targets.tuning.tuner import RPC
+        from graphopt.targets.tuning.options import RPC
 
         for proc, log in zip(self._procs, getattr(self, "_logs", [])):
             if proc.poll() is not None:

@@ -22,6 +22,8 @@ from tvm import ir, s_tir, tirx
 from tvm.s_tir.dlight import ScheduleRule
 from tvm.target import Target
 
+from graphopt.targets.cpu.tir_rewrite import const_int  # noqa: F401 - the rules call base.const_int
+
 # mcpu names whose widest fp32 vector is 512 bits.  Kept as a list (not a host probe)
 # so that the width is a property of the *target*: a build for another machine must
 # not pick up this host's AVX-512.
@@ -91,10 +93,6 @@ class CPURule(ScheduleRule):
 
 
 # --------------------------------------------------------------------------- analysis
-
-
-def const_int(expr) -> int | None:
-    return int(expr.value) if isinstance(expr, tirx.IntImm) else None
 
 
 def loop_extent(sch: s_tir.Schedule, loop) -> int | None:
