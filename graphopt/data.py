@@ -68,3 +68,28 @@ def check_calibration_data(graph: Graph, data: Iterable[Any]) -> list[tuple[torc
     if not checked:
         raise CalibrationError("calibration data is empty")
     return checked
+
+
+def static_batch(graph: Graph) -> int | None:
+    """The batch size baked into ``graph``'s inputs, or None when the batch is dynamic."""
+    dims = [n.meta["val"].shape[0] for n in graph.input_nodes if n.meta["val"].dim()]
+    if dims and all(isinstance(d, int) for d in dims):
+        return int(dims[0])
+    return None
+
+
+def exact_chunks(tensors: tuple[torch.Tensor, ...], size: int) -> list[tuple[tuple[torch.Tensor, ...], int]]:
+    """``tensors`` (one batch, split along dimension 0) as chunks of exactly ``size`` rows.
+
+    A graph captured with a static batch runs only that batch (export bakes it into reshapes),
+    while users calibrate and train with whatever batch their DataLoader has. The last chunk
+    is filled up with copies of its own first rows; each chunk comes with the number of real
+    rows in it, so a loss can mask the copies out.
+    """
+    rows = tensors[0].shape[0]
+    chunks = []
+    for start in range(0, rows, size):
+        real = min(size, rows - start)
+        fill = torch.arange(size) % real + start
+        chunks.append((tuple(t[fill] for t in tensors), real))
+    return chunks

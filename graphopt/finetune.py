@@ -23,6 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from graphopt.data import exact_chunks, static_batch
 from graphopt.errors import InputError
 from graphopt.graph import Graph
 from graphopt.passes.utils import aten, is_op
@@ -35,7 +36,8 @@ def finetune(graph: Graph, data: Any, teacher: "torch.nn.Module | Graph | Callab
              temperature: float = 4.0, alpha: float = 0.7, weight_decay: float = 0.0, seed: int = 0,
              progress: bool = True) -> Graph:
     """Train ``graph`` on ``data`` (an ``(inputs, labels)`` pair of tensors or an iterable of
-    such batches) with Adam; returns the same graph, now trained."""
+    such batches, e.g. a DataLoader, of any batch size) with Adam; returns the same graph,
+    now trained."""
     if epochs < 1 or lr <= 0 or batch_size < 1:
         raise InputError(f"finetune: epochs, lr and batch_size must be positive (got {epochs}, {lr}, {batch_size})")
     if not 0.0 <= alpha <= 1.0 or temperature <= 0:
@@ -45,6 +47,7 @@ def finetune(graph: Graph, data: Any, teacher: "torch.nn.Module | Graph | Callab
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     batches = _batches(data, batch_size, gen)
+    size = static_batch(graph)
     try:
         for p in params:
             p.requires_grad_(True)
@@ -53,25 +56,38 @@ def finetune(graph: Graph, data: Any, teacher: "torch.nn.Module | Graph | Callab
             for _ in range(epochs):
                 for x, y in batches(gen):
                     opt.zero_grad()
-                    out = graph.gm(x)
-                    student = out[0] if isinstance(out, (tuple, list)) else out
-                    loss = F.cross_entropy(student, y)
-                    if teacher_fn is not None:
-                        with torch.no_grad():
-                            soft = teacher_fn(x)
-                        kd = F.kl_div(F.log_softmax(student / temperature, -1),
-                                      F.log_softmax(soft / temperature, -1), reduction="batchmean",
-                                      log_target=True) * temperature ** 2
-                        loss = alpha * kd + (1 - alpha) * loss
-                    loss.backward()
+                    rows = x.shape[0]
+                    # A static-batch graph runs chunks of its own batch; the gradients of the
+                    # chunks add up to the gradient of the whole batch (padding rows masked out).
+                    chunks = [((x, y), rows)] if size is None or rows == size else exact_chunks((x, y), size)
+                    loss_sum = 0.0
+                    for (cx, cy), real in chunks:
+                        per_sample = _per_sample_loss(graph, cx, cy, teacher_fn, temperature, alpha)
+                        loss = per_sample[:real].sum() / rows
+                        loss.backward()
+                        loss_sum += loss.item()
                     opt.step()
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                    bar.set_postfix(loss=f"{loss_sum:.4f}")
     finally:
         for p in params:
             p.grad = None
             p.requires_grad_(False)
     return graph
+
+
+def _per_sample_loss(graph: Graph, x: torch.Tensor, y: torch.Tensor, teacher_fn: Callable | None,
+                     temperature: float, alpha: float) -> torch.Tensor:
+    out = graph.gm(x)
+    student = out[0] if isinstance(out, (tuple, list)) else out
+    loss = F.cross_entropy(student, y, reduction="none")
+    if teacher_fn is not None:
+        with torch.no_grad():
+            soft = teacher_fn(x)
+        kd = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(soft / temperature, -1),
+                      reduction="none", log_target=True).sum(-1) * temperature ** 2
+        loss = alpha * kd + (1 - alpha) * loss
+    return loss
 
 
 def trainable_constants(graph: Graph) -> list[torch.Tensor]:

@@ -8,9 +8,9 @@ activation inputs of every quantizable op (qdq.quantizable_ops), which is all th
 ``quantize`` pass needs.
 
 Data items are a tensor or a tuple/list of the graph inputs (``(x, label)`` pairs from a
-DataLoader work for a single-input graph; graphopt.data.check_calibration_data). A graph captured with a static
-batch cannot run a bigger batch (export bakes the batch into reshapes), so batches are
-split into chunks of the captured batch size when it differs.
+DataLoader work for a single-input graph; graphopt.data.check_calibration_data), of any
+batch size. A graph captured with a static batch cannot run another batch (export bakes
+the batch into reshapes), so the samples are re-cut into batches of the captured size.
 """
 
 from __future__ import annotations
@@ -20,36 +20,29 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
-from graphopt.data import check_calibration_data
-from graphopt.errors import InputError
+from graphopt.data import check_calibration_data, exact_chunks, static_batch
 from graphopt.graph import Graph
 from graphopt.passes.quantize.observers import Observer, make_observer
 
 
 def calibration_batches(graph: Graph, data: Iterable[Any]) -> list[tuple[torch.Tensor, ...]]:
-    """Normalize ``data`` into a list of input tuples that fit ``graph``'s input specs."""
-    static_batch = _static_batch(graph)
-    batches: list[tuple[torch.Tensor, ...]] = []
+    """Normalize ``data`` into a list of input tuples that fit ``graph``'s input specs.
+
+    Items may have any batch size. For a graph captured with a static batch the samples of all
+    items are concatenated and cut into batches of that size; the last one is filled up with
+    samples from its own start (a repeated sample changes no min/max range, and shifts a
+    histogram by at most one batch's worth of duplicates).
+    """
     # tuples of exactly the graph's inputs (count, rank, shape, dtype checked: CalibrationError)
-    for i, items in enumerate(check_calibration_data(graph, data)):
-        batch = items[0].shape[0] if items[0].dim() else None
-        if static_batch is not None and batch is not None and batch != static_batch:
-            if batch % static_batch:
-                raise InputError(f"calibration item {i} has batch {batch}; the graph was captured with a "
-                                 f"static batch of {static_batch} (capture with dynamic_shapes='batch')")
-            batches.extend(zip(*(t.split(static_batch) for t in items)))
-        else:
-            batches.append(items)
-    for b in batches:
+    items = check_calibration_data(graph, data)
+    size = static_batch(graph)
+    batched = all(t.dim() for t in items[0])
+    if size is not None and batched and any(t.shape[0] != size for it in items for t in it):
+        stream = tuple(torch.cat([it[k] for it in items]) for k in range(len(items[0])))
+        items = [chunk for chunk, _real in exact_chunks(stream, size)]
+    for b in items:
         graph.validate_inputs(b)
-    return batches
-
-
-def _static_batch(graph: Graph) -> int | None:
-    dims = [n.meta["val"].shape[0] for n in graph.input_nodes if n.meta["val"].dim()]
-    if dims and all(isinstance(d, int) for d in dims):
-        return int(dims[0])
-    return None
+    return items
 
 
 class _Recorder(fx.Interpreter):
