@@ -190,11 +190,13 @@ def _finite(e: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def compare(expected: Any, actual: Any, tolerance: str,
-            truth: "Any | Callable[[], Any] | None" = None) -> Comparison:
+            truth: "Any | Callable[[], Any] | None" = None, *,
+            min_sqnr_db: float = INT8_MIN_SQNR_DB) -> Comparison:
     """Is ``actual`` within the ``tolerance`` rung of ``expected``? (see the module docstring)
 
     ``truth`` is the same computation run in float64 (or a function returning it, called
     only when the float64 fallback is needed), the judge on the algebraic and half rungs.
+    ``min_sqnr_db`` is the int8 rung's bar.
     """
     if tolerance not in RUNGS:
         raise ValueError(f"unknown tolerance {tolerance!r}: one of {', '.join(RUNGS)}")
@@ -217,7 +219,7 @@ def compare(expected: Any, actual: Any, tolerance: str,
     problems = []
     truths: list[torch.Tensor | None] | None = None
     for i, (w, e, a) in enumerate(pairs):
-        problem = _values(e, a, tolerance)
+        problem = _values(e, a, tolerance, min_sqnr_db)
         if problem and tolerance in ("algebraic", "half") and truth is not None:
             if truths is None:
                 truths = _truth_leaves(truth() if callable(truth) else truth, expected)
@@ -229,7 +231,7 @@ def compare(expected: Any, actual: Any, tolerance: str,
     return Comparison(not problems, worst, "; ".join(problems))
 
 
-def _values(e: torch.Tensor, a: torch.Tensor, tolerance: str) -> str | None:
+def _values(e: torch.Tensor, a: torch.Tensor, tolerance: str, min_sqnr_db: float) -> str | None:
     ef, af = _finite(e, a)
     if tolerance == "exact":
         if torch.equal(ef, af):
@@ -239,7 +241,7 @@ def _values(e: torch.Tensor, a: torch.Tensor, tolerance: str) -> str | None:
         return None
     if tolerance == "int8":
         db = sqnr_db(ef, af)
-        return None if db >= INT8_MIN_SQNR_DB else f"SQNR {db:.1f} dB < {INT8_MIN_SQNR_DB:g} dB"
+        return None if db >= min_sqnr_db else f"SQNR {db:.1f} dB < {min_sqnr_db:g} dB"
     rtol, atol = TOLERANCES[tolerance]
     atol *= _scale(ef)
     if torch.allclose(af, ef, rtol=rtol, atol=atol):

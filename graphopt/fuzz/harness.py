@@ -15,8 +15,10 @@ A *stage* is one way of processing a captured graph whose numbers we can predict
 
 Numbers are compared by :func:`graphopt.compare.compare`, the project's one comparison:
 structure, shapes, dtypes and NaN/inf placement first, then values on the stage's rung, with
-the float64 run of the models as the judge when fp32 rounding differs. A compiled int8 build
-is judged against its quantized graph run by PyTorch: the fp32 rung, else the int8 SQNR.
+the float64 run of the models as the judge when fp32 rounding differs. An int8 pass is
+checked for shapes, dtypes and new NaN/inf only (random weights promise no accuracy); a
+compiled int8 build is judged against its quantized graph run by PyTorch: the fp32 rung,
+else the int8 SQNR.
 
 Any exception a stage raises is a ``crash`` failure; generated models are valid by
 construction, so there is no "unsupported" excuse.
@@ -170,10 +172,10 @@ class Case:
         return [tuple(torch.randn(x.shape, generator=g) for x in self.inputs) for _ in range(4)]
 
     def _per_spec(self, expected: Sequence[torch.Tensor], actual: Sequence[torch.Tensor], tolerance: str,
-                  truth: Sequence[torch.Tensor] | None) -> list[Comparison]:
+                  truth: Sequence[torch.Tensor] | None, **options: float) -> list[Comparison]:
         if len(expected) != len(actual):
             return [Comparison(False, math.inf, f"{len(actual)} outputs, expected {len(expected)}")] * len(self.specs)
-        return [compare(expected[s], actual[s], tolerance, truth[s] if truth is not None else None)
+        return [compare(expected[s], actual[s], tolerance, truth[s] if truth is not None else None, **options)
                 for s in self.slices]
 
     def _capture(self):
@@ -200,7 +202,10 @@ class Case:
             out = Pipeline.parse(stage.text).run(graph)
             out.check()
             truth = self.truth if stage.tolerance in ("algebraic", "half") else None
-            return self._per_spec(reference, out(*self.inputs), stage.tolerance, truth)
+            # int8 on random weights promises no accuracy (an output that is a small sum of
+            # large terms has a low SQNR however well each term is quantized): a quantize pass
+            # is fuzzed for shapes, dtypes and NaN/inf; SQNR is held on the reference models
+            return self._per_spec(reference, out(*self.inputs), stage.tolerance, truth, min_sqnr_db=-math.inf)
         if stage.kind == "build":
             module = graphopt.compile(graph, stage.target, pipeline=stage.text,
                                       calibration_data=graph.annotations["calibration_data"])
