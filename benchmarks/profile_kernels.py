@@ -29,6 +29,7 @@ from tvm.s_tir.analysis import estimate_tir_flops  # noqa: E402
 import graphopt  # noqa: E402
 from graphopt.models import REFERENCE_MODELS  # noqa: E402
 from graphopt.targets.build import fusion_mode, scheduled_module, tir_calls  # noqa: E402
+from graphopt.targets.cpu.schedules import rule_of  # noqa: E402
 from graphopt.targets.frontend.lower import lower_to_relax  # noqa: E402
 from graphopt.targets.registry import resolve_target  # noqa: E402
 from graphopt.timing import time_calls  # noqa: E402
@@ -102,12 +103,12 @@ def main() -> None:
           f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}\n")
     print(f"{len(order)} launches of {len(counts)} kernels; sum of kernels {total:.3f} ms, "
           f"end to end {end_to_end:.3f} ms\n")
-    print("| kernel | reads -> writes | launches | ms each | ms total | share | GFLOP/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| kernel | rule | reads -> writes | launches | ms each | ms total | share | GFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|")
     ranked = sorted(counts, key=lambda n: -per_launch[n] * counts[n])
     for name in ranked[:args.top]:
         t = per_launch[name] * counts[name]
-        print(f"| {name} | {signature(mod[name])} | {counts[name]} | {per_launch[name]:.4f} | {t:.4f} | {100 * t / total:.1f}% "
+        print(f"| {name} | {rule_of(mod[name]) or '-'} | {signature(mod[name])} | {counts[name]} | {per_launch[name]:.4f} | {t:.4f} | {100 * t / total:.1f}% "
               f"| {gflop(mod[name]) / per_launch[name] * 1e3:.1f} |")
 
 

@@ -3,7 +3,7 @@
     graphopt compile MODEL --target x86 --pipeline "fold" -o OUT
     graphopt run OUT --input x.npy [--reference MODEL]
     graphopt bench OUT
-    graphopt inspect MODEL [--pipeline ...] [--picture graph.svg]
+    graphopt inspect MODEL [--pipeline ...] [--picture graph.svg] [--target x86]
     graphopt passes | graphopt targets
 
 Errors graphopt raises on purpose print as one ``error:`` line (exit 2); anything else is
@@ -123,6 +123,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.ir:
         print()
         print(graph)
+    if args.target:
+        from graphopt.targets.build import fusion_mode, kernel_rules
+        from graphopt.targets.frontend.lower import lower_to_relax
+        from graphopt.targets.registry import resolve_target
+
+        spec = resolve_target(args.target)
+        print(f"\nkernels for {spec.name} and the schedule rule of each:")
+        for kernel, rule in kernel_rules(lower_to_relax(graph), spec, fusion_mode(graph, None)):
+            print(f"  {kernel}: {rule or '-'}")
     picture = args.picture or f"{name}.svg"
     graph.draw(picture)
     print(f"\npicture: {picture}")
@@ -271,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--picture", metavar="FILE", help="graph picture: .svg, .png or .dot (default MODEL.svg)")
     p.add_argument("--ir", action="store_true", help="also print the graph's IR text")
+    p.add_argument("--target", help="also list the kernels of a build for this target, with their schedule rules")
     p.set_defaults(fn=cmd_inspect)
 
     p = sub.add_parser("bisect", help="find the first pass (and node) where a model's numbers leave tolerance")

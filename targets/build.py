@@ -33,10 +33,8 @@ FUSION_MODES = ("graph", "tvm", "none")
 
 def _cpu_schedule_passes(target: tvm.target.Target) -> tuple[list, list]:
     """(layout passes before legalization, schedule passes after fusion) for CPU targets."""
-    try:
-        from graphopt.targets.cpu.schedules import cpu_layout_passes, cpu_schedule_pass
-    except ImportError:  # the schedule rules are optional while they are being written
-        return [], []
+    from graphopt.targets.cpu.schedules import cpu_layout_passes, cpu_schedule_pass
+
     # Weights a schedule reads in a packed order (conv2d.py) come with a copy marked as a
     # layout-rewrite preprocess: split it out of the kernel and run it on the constant.
     return list(cpu_layout_passes(target)), [cpu_schedule_pass(target), relax.transform.SplitLayoutRewritePreproc(),
@@ -251,6 +249,15 @@ def fusion_mode(graph, requested: str | None) -> Fusion:
         return requested  # type: ignore[return-value]
     has_groups = any("fusion_group" in n.meta for n in graph.nodes)
     return "graph" if has_groups else "none"
+
+
+def kernel_rules(mod: tvm.IRModule, spec: TargetSpec, fusion: Fusion) -> list[tuple[str, str | None]]:
+    """(PrimFunc name, the graphopt schedule rule that scheduled it, or None) for every kernel
+    of ``mod`` (from lower_to_relax) built for ``spec``, in launch order."""
+    from graphopt.targets.cpu.schedules import rule_of
+
+    scheduled = scheduled_module(mod, spec, fusion=fusion)
+    return [(name, rule_of(scheduled[name])) for name in dict.fromkeys(name for name, _ in tir_calls(scheduled))]
 
 
 def count_kernels(mod: tvm.IRModule) -> int:

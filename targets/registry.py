@@ -4,6 +4,11 @@ TVM 0.27 only accepts targets as dicts (the flag-string form is gone), so every 
 a dict. ``x86`` describes *this* host: its CPU features are read from /proc/cpuinfo
 because LLVM's own detection names this VM's CPU ``rocketlake`` and would drop AVX-512
 VNNI/AMX. A custom TVM target dict is accepted as is.
+
+``vector_isa`` reads what the CPU schedule rules size their register tiles from (vector
+width, register count, int8 dot-product instruction) off a TVM target's ``mtriple``,
+``mcpu`` and ``mattr``, through LLVM's own feature tables: a preset, a custom dict and a
+cross target all describe their machine the same way, and no rule keeps a list of CPU names.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import os
 import platform
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from graphopt.errors import TargetError
@@ -43,6 +49,11 @@ class TargetSpec:
             return "cuda"
         triple = self.tvm.get("mtriple", "")
         return "aarch64" if triple.startswith("aarch64") else "x86_64"
+
+    @property
+    def isa(self) -> "VectorISA | None":
+        """The vector ISA of a CPU target (None for CUDA)."""
+        return vector_isa(self.tvm_target()) if self.is_cpu else None
 
     def tvm_target(self):
         import tvm
@@ -201,3 +212,92 @@ def _from_dict(d: dict[str, Any]) -> TargetSpec:
         cross = triple if triple and not triple.startswith(platform.machine()) else None
         return TargetSpec("custom", d, description="custom TVM target", cross_triple=cross)
     return TargetSpec("custom", d, host=host or {"kind": "llvm"}, description="custom TVM target")
+
+
+# ------------------------------------------------------------------------- vector ISA
+
+INT8_DOT_INSTRUCTIONS = ("vnni-512", "avx-vnni-256", "vpmaddubsw-256", "i8mm", "sdot", "none")
+
+
+@dataclass(frozen=True)
+class VectorISA:
+    """The vector unit a CPU target's kernels are tiled for.
+
+    ``vector_bits`` is the widest register fp32 arithmetic uses (128 for SSE and NEON, 256
+    for AVX2, 512 for AVX-512), ``registers`` the architectural vector registers (16 ymm
+    for AVX2 and SSE, 32 zmm for AVX-512, 32 for AArch64), ``int8_dot`` the best int8
+    multiply-accumulate the target has: ``vnni-512`` (AVX512-VNNI ``vpdpbusd`` zmm),
+    ``avx-vnni-256`` (AVX-VNNI ``vpdpbusd`` ymm), ``vpmaddubsw-256`` (AVX2 pair sums),
+    ``i8mm`` (AArch64 ``smmla``), ``sdot`` (AArch64 dotprod) or ``none``."""
+
+    arch: str  # "x86_64" or "aarch64"
+    vector_bits: int
+    registers: int
+    int8_dot: str
+    features: frozenset[str] = frozenset()
+
+    def lanes(self, dtype_bits: int = 32) -> int:
+        """Elements of ``dtype_bits`` bits in one vector register."""
+        return max(self.vector_bits // dtype_bits, 1)
+
+    @property
+    def accumulators(self) -> int:
+        """Registers a register tile may keep accumulators in: three quarters of them
+        (24 of 32, 12 of 16), the rest for the weight vectors and the broadcast input of
+        each step (BLIS's and MLAS's Haswell sgemm kernels hold 12 of 16 as accumulators)."""
+        return self.registers - self.registers // 4
+
+    @property
+    def name(self) -> str:
+        if self.arch == "aarch64":
+            return "neon"
+        return {512: "avx512", 256: "avx2"}.get(self.vector_bits, "sse")
+
+    def __str__(self) -> str:
+        return (f"{self.name} ({self.lanes()} fp32 lanes, {self.registers} vector registers, "
+                f"int8 dot: {self.int8_dot})")
+
+
+# Features that decide the vector ISA, by their LLVM names.
+_ISA_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vnni", "avxvnni", "neon", "dotprod", "i8mm")
+
+
+def vector_isa(target: Any) -> VectorISA:
+    """The VectorISA of an LLVM target (a tvm Target, a TVM target dict, a preset name or a
+    TargetSpec)."""
+    import tvm
+
+    if isinstance(target, (str, dict, TargetSpec)):
+        target = resolve_target(target).tvm_target()
+    elif not isinstance(target, tvm.target.Target):
+        raise TargetError(f"no vector ISA for {target!r}: expected a CPU target")
+    if target.kind.name != "llvm":
+        raise TargetError(f"no vector ISA for a {target.kind.name} target: the CPU schedule rules need an llvm one")
+    return _vector_isa(str(target))
+
+
+@lru_cache(maxsize=64)
+def _vector_isa(target_json: str) -> VectorISA:
+    import tvm
+
+    target = tvm.target.Target(target_json)
+    has = {f for f in _ISA_FEATURES if tvm.target.codegen.target_has_features(f, target)}
+    triple = str(target.attrs.get("mtriple") or tvm.target.codegen.llvm_get_system_triple())
+    if triple.startswith(("aarch64", "arm64")) or "neon" in has:
+        dot = "i8mm" if "i8mm" in has else "sdot" if "dotprod" in has else "none"
+        return VectorISA("aarch64", 128, 32, dot, frozenset(has))
+    if "avx512f" in has:
+        bits, registers = 512, 32
+    elif "avx2" in has:
+        bits, registers = 256, 16
+    else:
+        bits, registers = 128, 16
+    if "avx512vnni" in has and bits == 512:
+        dot = "vnni-512"
+    elif "avxvnni" in has:
+        dot = "avx-vnni-256"
+    elif "avx2" in has:
+        dot = "vpmaddubsw-256"
+    else:
+        dot = "none"
+    return VectorISA("x86_64", bits, registers, dot, frozenset(has))

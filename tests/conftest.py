@@ -3,6 +3,8 @@
 import os
 
 os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+# a schedule rule that raises fails the test (a build would warn and use the next rule)
+os.environ.setdefault("GRAPHOPT_STRICT_RULES", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -272,22 +272,11 @@ def _register_tensor_intrinsics(spec: TargetSpec) -> None:
 
 
 def _rule_schedule(workload: Any, target: Any):
-    """The traced schedule graphopt's first applicable rule gives ``workload``, or None."""
-    try:
-        from graphopt.targets.cpu.schedules import RULES
-    except ImportError:  # the rules are optional (issue 10)
-        return None
-    func = workload["main"]
-    for rule in RULES:
-        if not rule.is_target_available(target):
-            continue
-        try:
-            sch = rule.apply(func, target, False)
-        except Exception:  # noqa: BLE001 - a failing rule means "try the next", as in cpu_schedule_pass
-            continue
-        if sch is not None:
-            return sch[0] if isinstance(sch, list) else sch
-    return None
+    """The traced schedule graphopt's rules give ``workload`` (the builds' dispatch), or None."""
+    from graphopt.targets.cpu.schedules import dispatch
+
+    chosen = dispatch(workload["main"], target)
+    return chosen.schedule if chosen is not None else None
 
 
 def _hash_mod(mod: Any) -> int:

@@ -7,7 +7,9 @@ per op family, applied to every not-yet-scheduled PrimFunc by ``cpu_schedule_pas
 =====================  ===========================================================
 rule                   handles
 =====================  ===========================================================
+Int8DotProduct         int8 conv2d / dense tensorized with VNNI vpdpbusd or AArch64 sdot
 WinogradConv2d         3x3 stride-1 conv as Winograd F(4x4|2x2, 3x3) + fused epilogue
+ConvThenDepthwise      a conv and the depthwise conv it feeds, merged into one kernel
 Conv2dNCHW             dense conv2d (NCHW data, HWIO/OIHW weight) + fused epilogue
 DepthwiseConv2dNCHW    depthwise / grouped conv2d + fused epilogue
 Matmul                 matmul, dense, batch-matmul + fused epilogue
@@ -17,8 +19,11 @@ Injective              elementwise / broadcast / layout funcs
 Fallback               anything else: parallel + vectorize what can be
 =====================  ===========================================================
 
-The first rule whose applicability check passes schedules the func; if its ``apply``
-raises, the next rule is tried, so a schedule bug degrades performance, never the build.
+Each rule is a ``match`` (does it apply, and with which tiles) and a ``schedule``
+(base.CPURule); ``rules.dispatch`` gives a func to the first rule that matches, stamps the
+rule's name on it (``graphopt.rule``), and reports a rule that raises (rules.py).  Tile
+sizes come from the target's vector ISA (``graphopt.targets.registry.vector_isa``: lanes,
+registers, int8 dot instruction).
 
 Pipeline contract (see targets/build.py)::
 
@@ -30,90 +35,31 @@ Pipeline contract (see targets/build.py)::
 
 from __future__ import annotations
 
-import logging
-
 import tvm
-from tvm import relax, tirx
+from tvm import relax
 
-from .base import is_scheduled, num_cores, simd_lanes
+from .base import num_cores, simd_lanes, vector_isa
 from .blocked import block_depthwise_inputs
-from .conv2d import Conv2dNCHW
-from .conv_depthwise import ConvThenDepthwise
-from .depthwise import DepthwiseConv2dNCHW
-from .elementwise import Fallback, Injective
-from .int8 import Int8DotProduct, int8_layout_passes
+from .int8 import int8_layout_passes
 from .layout import conv_weight_to_hwio, pack_dense_weights
-from .matmul import Matmul
-from .pooling import Pooling
-from .reduction import RowReduction
-from .winograd import WinogradConv2d, winograd_convs
+from .rules import RULE_ATTR, RULES, Dispatched, ScheduleRuleWarning, cpu_schedule_pass, dispatch, rule_of, \
+    schedule_primfunc
+from .winograd import winograd_convs
 
 __all__ = [
     "RULES",
+    "RULE_ATTR",
+    "Dispatched",
+    "ScheduleRuleWarning",
     "cpu_layout_passes",
     "cpu_schedule_pass",
+    "dispatch",
+    "num_cores",
+    "rule_of",
     "schedule_primfunc",
     "simd_lanes",
-    "num_cores",
+    "vector_isa",
 ]
-
-_log = logging.getLogger(__name__)
-
-RULES = [
-    Int8DotProduct(),
-    WinogradConv2d(),
-    ConvThenDepthwise(),
-    Conv2dNCHW(),
-    DepthwiseConv2dNCHW(),
-    Matmul(),
-    Pooling(),
-    RowReduction(),
-    Injective(),
-    Fallback(),
-]
-
-
-def schedule_primfunc(func: tirx.PrimFunc, target: tvm.target.Target, rules=None):
-    """Apply the first matching rule; return (rule_name, scheduled func) or (None, func)."""
-    for rule in rules if rules is not None else RULES:
-        if not rule.is_target_available(target):
-            continue
-        try:
-            sch = rule.apply(func, target, False)
-        except Exception as err:  # noqa: BLE001 - a rule bug must not break the build
-            _log.debug("schedule rule %s failed: %s", type(rule).__name__, err)
-            continue
-        if sch is None:
-            continue
-        if isinstance(sch, list):
-            sch = sch[0]
-        return type(rule).__name__, sch.mod["main"].with_attr("tirx.is_scheduled", True)
-    return None, func
-
-
-def cpu_schedule_pass(target: tvm.target.Target, rules=None) -> tvm.transform.Pass:
-    """Module pass: schedule every PrimFunc that carries no "tirx/tir.is_scheduled" attr.
-
-    Functions already scheduled (e.g. by MetaScheduleApplyDatabase) are left untouched so
-    tuned records win.  Uses ``target`` (or the func's own "target" attr) for the SIMD
-    width and core count."""
-    target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
-
-    @tvm.transform.module_pass(opt_level=0, name="graphopt.CPUSchedule")
-    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        updates = {}
-        for gv, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
-                continue
-            func_target = func.attrs.get("target") if func.attrs is not None else None
-            rule, new = schedule_primfunc(func, func_target or target, rules)
-            if rule is not None:
-                updates[gv] = new
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
-
-    return _pass
 
 
 def cpu_layout_passes(target: tvm.target.Target) -> list:
@@ -134,6 +80,7 @@ def cpu_layout_passes(target: tvm.target.Target) -> list:
     """
     if target is not None and tvm.target.Target(target).kind.name != "llvm":
         return []
+    lanes = vector_isa(tvm.target.Target(target)).lanes()
     return [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
-            *int8_layout_passes(target), winograd_convs(simd_lanes(target)), conv_weight_to_hwio, pack_dense_weights(simd_lanes(target)),
-            block_depthwise_inputs(simd_lanes(target))]
+            *int8_layout_passes(target), winograd_convs(lanes), conv_weight_to_hwio, pack_dense_weights(lanes),
+            block_depthwise_inputs(lanes)]

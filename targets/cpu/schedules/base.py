@@ -1,12 +1,16 @@
 """Shared helpers for graphopt's CPU schedule rules.
 
-Every rule in this package follows TVM's dlight ``ScheduleRule`` shape:
-``apply(func, target, tunable) -> Schedule | None``.  The helpers here answer the
+Every rule is a ``CPURule``: ``match(info, target)`` reads the analyzed PrimFunc and
+returns what scheduling it needs (operands, tile sizes: the rule's decisions) or None when
+the rule does not apply, changing nothing; ``schedule(info, match, target)`` carries those
+decisions out on ``info.sch``.  The base class owns the rest of TVM's dlight
+``ScheduleRule.apply(func, target, tunable)`` contract.  The helpers here answer the
 questions every rule asks:
 
-* how wide is a SIMD register on this target (``simd_lanes``) and how many cores does
-  it have (``num_cores``) -- both read from the target, never from the host, so that a
-  cross build for aarch64 gets NEON-sized tiles;
+* how wide is a vector register on this target, how many registers may a register tile
+  hold as accumulators (``vector_isa``, ``simd_lanes``), and how many cores does it have
+  (``num_cores``) -- all read from the target, never from the host, so that a cross build
+  for aarch64 gets NEON-sized tiles and an AVX2 build gets 16-register tiles;
 * what is the structure of the PrimFunc (``analyze``): the one "main" block a rule
   schedules (a reduction for conv/matmul/pool, the last block for injective funcs),
   the producers before it (padding) and the fused epilogue after it;
@@ -17,58 +21,23 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from tvm import ir, s_tir, tirx
 from tvm.s_tir.dlight import ScheduleRule
 from tvm.target import Target
 
 from graphopt.targets.cpu.tir_rewrite import const_int  # noqa: F401 - the rules call base.const_int
+from graphopt.targets.registry import VectorISA, vector_isa
 
-# mcpu names whose widest fp32 vector is 512 bits.  Kept as a list (not a host probe)
-# so that the width is a property of the *target*: a build for another machine must
-# not pick up this host's AVX-512.
-_AVX512_CPUS = (
-    "skylake-avx512", "cascadelake", "cooperlake", "cannonlake", "icelake-client",
-    "icelake-server", "tigerlake", "sapphirerapids", "emeraldrapids", "graniterapids",
-    "graniterapids-d", "rocketlake", "znver4", "znver5", "x86-64-v4", "knl", "knm",
-    "diamondrapids",
-)
-_AVX2_CPUS = (
-    "haswell", "broadwell", "skylake", "alderlake", "raptorlake", "meteorlake",
-    "arrowlake", "lunarlake", "gracemont", "znver1", "znver2", "znver3", "x86-64-v3",
-    "bdver4",
-)
 SCHEDULED_ATTRS = ("tirx.is_scheduled", "tir.is_scheduled")
 
-
-def _mattr(target: Target) -> list[str]:
-    mattr = target.attrs.get("mattr")
-    return [str(m) for m in mattr] if mattr is not None else []
-
-
-def is_arm(target: Target) -> bool:
-    triple = str(target.attrs.get("mtriple") or "")
-    return triple.startswith(("aarch64", "arm")) or any("neon" in m for m in _mattr(target))
+__all__ = ["CPURule", "FuncInfo", "VectorISA", "analyze", "num_cores", "simd_lanes", "vector_isa"]
 
 
 def simd_lanes(target: Target, dtype_bits: int = 32) -> int:
     """Number of ``dtype_bits``-wide lanes of the target's widest vector register."""
-    bits = 128  # SSE2 / NEON baseline
-    if not is_arm(target):
-        mcpu = str(target.attrs.get("mcpu") or "")
-        mattr = _mattr(target)
-        if mcpu in _AVX512_CPUS or "+avx512f" in mattr:
-            bits = 512
-        elif mcpu in _AVX2_CPUS or "+avx2" in mattr:
-            bits = 256
-    return max(bits // dtype_bits, 1)
-
-
-def num_vector_registers(target: Target) -> int:
-    """Architectural vector registers: 32 on AVX-512 and AArch64, 16 on AVX2/SSE."""
-    if is_arm(target) or simd_lanes(target) >= 16:
-        return 32
-    return 16
+    return vector_isa(target).lanes(dtype_bits)
 
 
 def num_cores(target: Target) -> int:
@@ -86,10 +55,41 @@ def is_scheduled(func: tirx.PrimFunc) -> bool:
 
 
 class CPURule(ScheduleRule):
-    """A dlight ScheduleRule that only fires for LLVM (CPU) targets."""
+    """A schedule rule for LLVM (CPU) targets, declared as ``match`` + ``schedule``.
+
+    ``analyze`` prepares the func for ``match`` (by default ``base.analyze``: the blocks
+    around its one reduction); a rule that looks at the root blocks only overrides it with
+    ``root_blocks``.  Exceptions are not caught here: a rule that raises is a bug, which the
+    dispatcher (dispatch.py) reports."""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
 
     def is_target_available(self, target: Target) -> bool:
         return target.kind.name == "llvm"
+
+    def analyze(self, func: tirx.PrimFunc) -> FuncInfo | None:
+        return analyze(func)
+
+    def match(self, info: FuncInfo, target: Target) -> Any:
+        """What ``schedule`` needs to schedule ``info``, or None: the rule does not apply."""
+        raise NotImplementedError
+
+    def schedule(self, info: FuncInfo, match: Any, target: Target) -> s_tir.Schedule:
+        """Schedule ``info.sch`` as ``match`` decided; returns the schedule."""
+        raise NotImplementedError
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
+        if not self.is_target_available(target):
+            return None
+        info = self.analyze(func)
+        if info is None:
+            return None
+        found = self.match(info, target)
+        if found is None:
+            return None
+        return self.schedule(info, found, target)
 
 
 # --------------------------------------------------------------------------- analysis
@@ -191,6 +191,17 @@ def analyze(func: tirx.PrimFunc) -> FuncInfo | None:
     else:
         info.main = None
     return info
+
+
+def root_blocks(func: tirx.PrimFunc) -> FuncInfo | None:
+    """The root's child blocks only (no main block chosen), for rules that look at the
+    whole func; None for a func without a root block."""
+    try:
+        sch = s_tir.Schedule(func)
+        blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    except Exception:  # noqa: BLE001 - unusual funcs (no root block) are nobody's
+        return None
+    return FuncInfo(sch=sch, blocks=blocks)
 
 
 # TVM 0.27 represents buffer reads as ``ir.TensorLoad`` (``.source`` is the buffer var);

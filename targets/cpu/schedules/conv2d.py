@@ -39,6 +39,8 @@ only the weight loads become strided.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvm import tirx
 from tvm.target import Target
 
@@ -152,27 +154,139 @@ def _pointwise_tile(f_ext, w_ext, hw_ext, lanes, max_acc):
     return best
 
 
-def _schedule_pointwise(sch, info: base.FuncInfo, target: Target, lanes: int, max_acc: int):
-    """1x1 stride-1 conv = GEMM out[F, HW] = W[F, C] x in[C, HW] on NCHW data.
+@dataclass(frozen=True)
+class ConvShape:
+    """Extents of a conv's block: batch, output channels, rows, columns; input channels, taps."""
 
-    Vectorize over the fused (contiguous) H*W axis, register-block output channels, and
-    write the tile straight back in NCHW (no transpose in the write-back): better than
-    the channel-vectorized kernel when C is small (short reductions) or F is not a
-    multiple of the vector width (mobilenet's 24-channel layers)."""
-    main = info.main
-    block = sch.get(main)
-    f_ext = int(block.iter_vars[1].dom.extent)
-    w_ext = int(block.iter_vars[3].dom.extent)
-    hw_ext = int(block.iter_vars[2].dom.extent) * w_ext
-    plan = _pointwise_tile(f_ext, w_ext, hw_ext, lanes, max_acc)
-    if plan is None or (plan[1] <= 2 and f_ext % (2 * lanes) == 0):
+    n: int
+    f: int
+    y: int
+    x: int
+    c: int
+    kh: int
+    kw: int
+
+    @staticmethod
+    def of(block: tirx.SBlock) -> ConvShape:
+        return ConvShape(*(int(iv.dom.extent) for iv in block.iter_vars))
+
+
+@dataclass(frozen=True)
+class PointwiseTile:
+    """The GEMM kernel's register tile (``_schedule_pointwise``)."""
+
+    pixels: int  # of the fused H*W axis: whole vectors
+    channels: int  # output channels, each broadcast against the pixel vectors
+
+
+@dataclass(frozen=True)
+class ChannelTile:
+    """The channel-vectorized kernel's decisions (``_schedule_channel_vectorized``)."""
+
+    channels: int  # output channels per tile: 1-2 vectors (or a power-of-two part of one)
+    pixels: int  # pixels of a row per tile, as many as the accumulator registers allow
+    per_f_tile: bool  # tasks are whole f-tiles (each core streams its own weights)
+    chunk: int  # input channels per step of a streamed reduction; 0: not streamed
+    hwio: bool  # constant weight, read pre-packed per f-tile
+    blocked_out: bool  # the output is NCHW[lanes]c: channel vectors are stored as they are
+
+
+@dataclass(frozen=True)
+class ConvMatch:
+    data: object  # the data load
+    weight: object  # the weight load
+    shape: ConvShape
+    lanes: int
+    cores: int
+    pointwise: PointwiseTile | None  # the GEMM kernel, else ``tile``
+    tile: ChannelTile | None
+
+
+def takes_pointwise_kernel(shape: ConvShape, data, ivs, lanes: int, max_acc: int,
+                           blocked_out: bool) -> PointwiseTile | None:
+    """The pointwise (GEMM) kernel's tile for a 1x1 stride-1 conv whose H*W splits into
+    row-aligned vector tiles, when that kernel beats the channel-vectorized one."""
+    if (blocked_out or shape.kh != 1 or shape.kw != 1 or (shape.y * shape.x) % lanes
+            or not _unit_index(data.indices[2], ivs[2], ivs[5]) or not _unit_index(data.indices[3], ivs[3], ivs[6])):
+        return None
+    plan = _pointwise_tile(shape.f, shape.x, shape.y * shape.x, lanes, max_acc)
+    if plan is None or (plan[1] <= 2 and shape.f % (2 * lanes) == 0):
         # Two output channels per tile (a 28-wide row forces a 7-vector pixel tile) lose
         # to the channel-vectorized kernel's 2 x 16 channels whenever F allows them:
         # mobilenet_v2's 192 -> 32 projection at 28x28 (with its residual add), 0.055
         # against 0.034 ms; with 3 or more channels per tile (24 -> 144 at 56x56) the
         # pointwise kernel stays ahead (0.067 against 0.114 ms).
         return None
-    hwi, fi = plan
+    return PointwiseTile(*plan)
+
+
+def channel_tile_width(shape: ConvShape, lanes: int, cores: int) -> int:
+    """Output channels per tile: 2 vectors when possible (fewer input broadcasts per FMA).
+
+    Weight-bound layers whose 2-vector tiles do not split evenly between the cores take
+    1-vector tiles, so that each core streams its half of the weights once: mobilenet_v2's
+    960 -> 160 at 7x7 has 5 tiles of 32; with 10 of 16, 0.052 -> 0.042 ms with cold weights
+    (and 0.032 -> 0.037 warm: half as many FMAs per load)."""
+    fi = _channel_tile(shape.f, lanes)
+    weight_bound = shape.f * shape.c * shape.kh * shape.kw > 2 * shape.c * shape.y * shape.x * shape.n
+    if weight_bound and fi == 2 * lanes and (shape.f // fi) % cores and (shape.f // lanes) % cores == 0:
+        return lanes
+    return fi
+
+
+def parallel_over_f_tiles(shape: ConvShape, fi: int, cores: int) -> bool:
+    """Layers whose f-tile has more than 4 KiB of weights parallelize over f-tiles only, so
+    that each core streams its own half of the weights once per image instead of both cores
+    re-reading all of them (needs enough f-tiles, evenly split: 5 tiles on 2 cores would
+    leave one idle a fifth of the time).  At 4 KiB, mobilenet_v2's 160 -> 960 at 7x7 took
+    0.038 ms with cold weights against 0.047 at 32 KiB; its 64 -> 384 and 96 -> 576 5-10%
+    less."""
+    f_blocks = shape.f // fi
+    return f_blocks >= 2 * cores and f_blocks % cores == 0 and shape.c * shape.kh * shape.kw * fi * 4 > (4 << 10)
+
+
+def streamed_chunk(shape: ConvShape, fi: int, per_f_tile: bool, hwio: bool) -> int:
+    """Input channels per step of a streamed reduction, or 0.
+
+    Per-f-tile convs stream their (packed, contiguous) weights: the reduction walks them in
+    chunks of ~10 KiB, each applied to every row of the tile while it is in L1, the partial
+    sums in an (L1) accumulator of the whole f-tile, and the next chunk is prefetched over
+    those rows (prefetch.py).  Row by row, every row re-read the whole tile (40 KiB for
+    320 -> 1280 at 7x7, 590 KiB for resnet18's 512-channel 3x3), which L1 does not hold, and
+    the first row of each tile waited on memory for it: with cold weights, as they are in a
+    whole network, mobilenet_v2's last conv took 0.25 ms (one thread), 0.19 chunked and
+    prefetched, and resnet18's 512-channel convs 0.56 -> 0.46 ms (two threads); warm,
+    within a few percent.  Only while the tile's sums fit in L1: 28x28 x 32 channels would
+    round-trip to L2 once per chunk."""
+    acc_in_l1 = shape.y * shape.x * fi * 4 <= (32 << 10)
+    if not (per_f_tile and hwio and acc_in_l1):
+        return 0
+    return _reduction_chunk(shape.c, shape.kh * shape.kw * fi)
+
+
+def channel_vectorized_tile(shape: ConvShape, lanes: int, cores: int, max_acc: int, hwio: bool,
+                            blocked_out: bool) -> ChannelTile | None:
+    """The channel-vectorized kernel's tile, or None when no tile stores whole blocks."""
+    fi = channel_tile_width(shape, lanes, cores)
+    if blocked_out and fi % lanes:
+        return None  # a part-vector tile would not store whole blocks
+    f_vecs = max(-(-fi // lanes), 1)  # ceil: a 24-wide tile is 16 + 8 lanes = 2 registers
+    # Width tile: as many pixels as accumulator registers allow.
+    rn = base.largest_divisor(shape.x, max(max_acc // f_vecs, 1)) or 1
+    per_f_tile = parallel_over_f_tiles(shape, fi, cores)
+    return ChannelTile(fi, rn, per_f_tile, streamed_chunk(shape, fi, per_f_tile, hwio), hwio, blocked_out)
+
+
+def _schedule_pointwise(sch, info: base.FuncInfo, m: ConvMatch):
+    """1x1 stride-1 conv = GEMM out[F, HW] = W[F, C] x in[C, HW] on NCHW data.
+
+    Vectorize over the fused (contiguous) H*W axis, register-block output channels, and
+    write the tile straight back in NCHW (no transpose in the write-back): better than
+    the channel-vectorized kernel when C is small (short reductions) or F is not a
+    multiple of the vector width (mobilenet's 24-channel layers)."""
+    main, lanes, cores = info.main, m.lanes, m.cores
+    hwi, fi = m.pointwise.pixels, m.pointwise.channels
+    hw_ext = m.shape.y * m.shape.x
     post = base.inline_post(sch, info.post)
     pre = base.inline_plain_copies(sch, info.pre)
     wb = sch.cache_write(main, 0, "local")
@@ -184,9 +298,7 @@ def _schedule_pointwise(sch, info: base.FuncInfo, target: Target, lanes: int, ma
     fo, fv = sch.split(f, [None, fi])
     # hw tile outermost: its input panel (C x hwi) stays in L1 across all f tiles.
     sch.reorder(n, hwo, fo, rc, ry, rx, fv, hwu, hwv)
-    cores = base.num_cores(target)
-    n_ext = int(sch.get(main).iter_vars[0].dom.extent)
-    if cores > 1 and (n_ext * hw_ext // hwi) % cores:
+    if cores > 1 and (m.shape.n * hw_ext // hwi) % cores:
         # Pixel tiles that do not split evenly between the cores leave one idle for a
         # whole tile (mobilenet_v2's 28x28 layers: 7 tiles, 4 + 3); the channel tiles
         # join the parallel loop (each core still walks a contiguous run of them).
@@ -213,140 +325,105 @@ def _schedule_pointwise(sch, info: base.FuncInfo, target: Target, lanes: int, ma
         sch.reverse_compute_at(b, fo, preserve_unit_loops=True)
     sch.decompose_reduction(main, rc)
     for b in pre:
-        base.parallel_vectorize_injective(sch, b, lanes, base.num_cores(target))
+        base.parallel_vectorize_injective(sch, b, lanes, cores)
     return sch
 
 
+def _schedule_channel_vectorized(sch, info: base.FuncInfo, m: ConvMatch, target: Target):
+    """The register-tile kernel vectorized over output channels (module doc)."""
+    main, lanes, cores, tile, shape = info.main, m.lanes, m.cores, m.tile, m.shape
+    post = base.inline_post(sch, info.post)
+    pre = base.inline_plain_copies(sch, info.pre)
+    wb = sch.cache_write(main, 0, "local")
+    # Accumulator laid out (n, y, x, f): vector axis f contiguous.
+    sch.transform_layout(main, ("write", 0), lambda n, f, y, x: (n, y, x, f))
+
+    n, f, y, x, rc, ry, rx = sch.get_loops(main)
+    fo, fv = sch.split(f, [None, tile.channels])
+    xo, xi = sch.split(x, [None, tile.pixels])
+    if tile.chunk:
+        rco, rci = sch.split(rc, [None, tile.chunk])
+        sch.reorder(n, fo, rco, y, xo, rci, ry, rx, xi, fv)
+    else:
+        rco = rc
+        sch.reorder(n, fo, y, xo, rc, ry, rx, xi, fv)
+    outer = sch.fuse(n, fo) if tile.per_f_tile else sch.fuse(n, fo, y)
+    sch.parallel(outer)
+    packed = _prepack_weight(sch, main, m.weight, tile.channels) if tile.hwio else None
+    sch.unroll(xi)
+    sch.vectorize(fv)
+
+    # A chunked reduction's sums are complete only after the last chunk: write them back
+    # per task; otherwise per register tile.
+    wb_at = outer if tile.chunk else xo
+    sch.reverse_compute_at(wb, wb_at, preserve_unit_loops=True)
+    left = base.fuse_epilogue(sch, wb, post)
+    _write_back(sch, wb, wb_at, bool(left), tile.blocked_out, lanes, target)
+    for b in left:
+        sch.reverse_compute_at(b, wb_at, preserve_unit_loops=True)
+    sch.decompose_reduction(main, rco)
+    if tile.chunk:
+        # The next chunk (after the last, the next f-tile's first) over this one's rows;
+        # annotated last, so that the init loops decompose_reduction copies go without.
+        chunk_bytes = tile.chunk * shape.kh * shape.kw * tile.channels * 4
+        prefetch.annotate(sch, y, packed, chunk_bytes // 4,
+                          prefetch.lines_per_iteration(chunk_bytes, shape.y), shape.y)
+    for b in pre:  # padding copies
+        base.parallel_vectorize_injective(sch, b, lanes, cores)
+    return sch
+
+
+def _write_back(sch, wb, at, epilogue_left: bool, blocked_out: bool, lanes: int, target: Target) -> None:
+    """Order and vectorize the write-back of the (n, y, x, f) tile, epilogue folded in."""
+    wb_loops = sch.get_loops(wb)[-4:]
+    if len(wb_loops) != 4:
+        return
+    wn, wf, wy, wx = wb_loops
+    if blocked_out:
+        # Pixel outer, channels inner: each vector of the tile is one contiguous store.
+        sch.reorder(wn, wy, wx, wf)
+        _, wv = sch.split(wf, [None, lanes])
+        sch.vectorize(wv)
+    elif epilogue_left or not base.write_back_transposed(sch, wb, at, lanes, target):
+        # (Transposed through register shuffles when it can be: resnet18's first conv alone
+        # 0.53 -> 0.51 ms.)  Otherwise vector over the pixel axis: a strided gather from the
+        # L1-resident accumulator, but contiguous NCHW stores and a vectorized epilogue (BN
+        # affine incl. a division per element): 25% faster on resnet's first conv.
+        sch.reorder(wn, wy, wf, wx)
+        try:
+            sch.vectorize(wx)
+        except Exception:  # noqa: BLE001
+            pass
+
+
 class Conv2dNCHW(base.CPURule):
-    """Register-blocked, vectorized-over-output-channels direct convolution."""
+    """Register-blocked direct convolution: the pointwise GEMM kernel for 1x1 stride-1
+    convs where it wins, else the kernel vectorized over output channels."""
 
-    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        if not self.is_target_available(target):
+    def match(self, info: base.FuncInfo, target: Target) -> ConvMatch | None:
+        ops = match_conv2d(info)
+        if ops is None:
             return None
-        info = base.analyze(func)
-        m = match_conv2d(info)
-        if m is None:
-            return None
-        _store, _data, weight = m
+        _store, data, weight = ops
         sch = info.sch
-        main = info.main
-        block = sch.get(main)
-        _n, f_ext, y_ext, x_ext = (int(iv.dom.extent) for iv in block.iter_vars[:4])
-        lanes = base.simd_lanes(target, block.body.buffer.dtype.bits)
-        max_acc = base.num_vector_registers(target) - 8  # leave room for weights/broadcasts
-
-        c_ext, kh, kw = (int(iv.dom.extent) for iv in block.iter_vars[4:])
-        ivs = [v.var for v in block.iter_vars]
+        block = sch.get(info.main)
+        shape = ConvShape.of(block)
+        isa = base.vector_isa(target)
+        lanes = isa.lanes(block.body.buffer.dtype.bits)
+        cores = base.num_cores(target)
         # Output NCHW[lanes]c (blocked.py: a depthwise conv reads it): the tile's channel
         # vectors are stored as they are, so this kernel beats the pixel-vectorized one.
         blocked_out = base.writes_channel_blocked(sch, info.post, lanes)
-        if (not blocked_out and kh == kw == 1 and (y_ext * x_ext) % lanes == 0
-                and _unit_index(_data.indices[2], ivs[2], ivs[5])
-                and _unit_index(_data.indices[3], ivs[3], ivs[6])):
-            done = _schedule_pointwise(sch, info, target, lanes, max_acc)
-            if done is not None:
-                return done
-            info = base.analyze(func)  # (no tile fits: nothing was changed yet)
-            sch = info.sch
-            main = info.main
-            block = sch.get(main)
-        # Output-channel tile: 2 vectors when possible (fewer input broadcasts per FMA).
-        fi = _channel_tile(f_ext, lanes)
-        cores = base.num_cores(target)
-        weight_bound = f_ext * c_ext * kh * kw > 2 * c_ext * y_ext * x_ext * _n  # weights > 2x input
-        if (weight_bound and fi == 2 * lanes and (f_ext // fi) % cores and (f_ext // lanes) % cores == 0):
-            # One-vector tiles, so that the f-tiles split evenly between the cores and each
-            # streams its half of the weights once (per_tile below): mobilenet_v2's 960 ->
-            # 160 at 7x7 has 5 tiles of 32; with 10 of 16, 0.052 -> 0.042 ms with cold
-            # weights (and 0.032 -> 0.037 warm: half as many FMAs per load).
-            fi = lanes
-        if blocked_out and fi % lanes:
-            return None  # a part-vector tile would not store whole blocks
-        f_vecs = max(-(-fi // lanes), 1)  # ceil: a 24-wide tile is 16 + 8 lanes = 2 registers
-        # Width tile: as many pixels as accumulator registers allow.
-        rn = base.largest_divisor(x_ext, max(max_acc // f_vecs, 1)) or 1
+        ivs = [v.var for v in block.iter_vars]
+        pointwise = takes_pointwise_kernel(shape, data, ivs, lanes, isa.accumulators, blocked_out)
+        if pointwise is not None:
+            return ConvMatch(data, weight, shape, lanes, cores, pointwise, None)
+        tile = channel_vectorized_tile(shape, lanes, cores, isa.accumulators, _is_hwio(block, weight), blocked_out)
+        if tile is None:
+            return None
+        return ConvMatch(data, weight, shape, lanes, cores, None, tile)
 
-        post = base.inline_post(sch, info.post)
-        pre = base.inline_plain_copies(sch, info.pre)
-        wb = sch.cache_write(main, 0, "local")
-        # Accumulator laid out (n, y, x, f): vector axis f contiguous.
-        sch.transform_layout(main, ("write", 0), lambda n, f, y, x: (n, y, x, f))
-
-        n, f, y, x, rc, ry, rx = sch.get_loops(main)
-        fo, fv = sch.split(f, [None, fi])
-        xo, xi = sch.split(x, [None, rn])
-        f_blocks = f_ext // fi
-        # Layers whose f-tile has more than 4 KiB of weights parallelize over f-tiles only,
-        # so that each core streams its own half of the weights once per image instead of
-        # both cores re-reading all of them (needs enough f-tiles, evenly split: 5 tiles
-        # on 2 cores would leave one idle a fifth of the time).  Was 32 KiB before the
-        # streamed reduction below; at 4, mobilenet_v2's 160 -> 960 at 7x7 went 0.047 ->
-        # 0.038 ms with cold weights, its 64 -> 384 and 96 -> 576 by 5-10%.
-        per_tile = (f_blocks >= 2 * cores and f_blocks % cores == 0
-                    and c_ext * kh * kw * fi * 4 > (4 << 10))
-        # Per-tile convs stream their (packed, contiguous) weights: the reduction walks them
-        # in chunks of ~10 KiB, each applied to every row of the tile while it is in L1, the
-        # partial sums in an (L1) accumulator of the whole f-tile, and the next chunk is
-        # prefetched over those rows (prefetch.py).  Row by row, every row re-read the whole
-        # tile (40 KiB for 320 -> 1280 at 7x7, 590 KiB for resnet18's 512-channel 3x3),
-        # which L1 does not hold, and the first row of each tile waited on memory for it:
-        # with cold weights, as they are in a whole network, mobilenet_v2's last conv took
-        # 0.25 ms (one thread), 0.19 chunked and prefetched, and resnet18's 512-channel
-        # convs 0.56 -> 0.46 ms (two threads); warm, within a few percent.
-        hwio = _is_hwio(sch.get(main), weight)
-        # (Only while the tile's sums fit in L1: 28x28 x 32 channels would round-trip to L2
-        # once per chunk.)
-        acc_in_l1 = y_ext * x_ext * fi * 4 <= (32 << 10)
-        chunk = _reduction_chunk(c_ext, kh * kw * fi) if per_tile and hwio and acc_in_l1 else 0
-        if chunk:
-            rco, rci = sch.split(rc, [None, chunk])
-            sch.reorder(n, fo, rco, y, xo, rci, ry, rx, xi, fv)
-        else:
-            rco = rc
-            sch.reorder(n, fo, y, xo, rc, ry, rx, xi, fv)
-        if per_tile:
-            outer = sch.fuse(n, fo)
-        else:
-            outer = sch.fuse(n, fo, y)
-        sch.parallel(outer)
-        packed = _prepack_weight(sch, main, weight, fi) if hwio else None
-        sch.unroll(xi)
-        sch.vectorize(fv)
-
-        # A chunked reduction's sums are complete only after the last chunk: write them back
-        # per task; otherwise per register tile.
-        wb_at = outer if chunk else xo
-        sch.reverse_compute_at(wb, wb_at, preserve_unit_loops=True)
-        left = base.fuse_epilogue(sch, wb, post)
-        # Write-back loops: channel outer, width inner -> contiguous NCHW stores.
-        wb_loops = sch.get_loops(wb)[-4:]
-        if blocked_out and len(wb_loops) == 4:
-            # Pixel outer, channels inner: each vector of the tile is one contiguous store.
-            wn, wf, wy, wx = wb_loops
-            sch.reorder(wn, wy, wx, wf)
-            _, wv = sch.split(wf, [None, lanes])
-            sch.vectorize(wv)
-        elif len(wb_loops) == 4 and (left or not base.write_back_transposed(sch, wb, wb_at, lanes, target)):
-            # (Transposed through register shuffles when it can be: resnet18's first conv alone
-            # 0.53 -> 0.51 ms.)  Otherwise vector over the pixel axis: a strided gather from the
-            # L1-resident accumulator, but contiguous NCHW stores and a vectorized epilogue (BN
-            # affine incl. a division per element): 25% faster on resnet's first conv.
-            wn, wf, wy, wx = wb_loops
-            sch.reorder(wn, wy, wf, wx)
-            try:
-                sch.vectorize(wx)
-            except Exception:  # noqa: BLE001
-                pass
-        for b in left:
-            sch.reverse_compute_at(b, wb_at, preserve_unit_loops=True)
-        sch.decompose_reduction(main, rco)
-        if chunk:
-            # The next chunk (after the last, the next f-tile's first) over this one's rows;
-            # annotated last, so that the init loops decompose_reduction copies go without.
-            chunk_bytes = chunk * kh * kw * fi * 4
-            prefetch.annotate(sch, y, packed, chunk_bytes // 4,
-                              prefetch.lines_per_iteration(chunk_bytes, y_ext), y_ext)
-
-        for b in pre:  # padding copies
-            base.parallel_vectorize_injective(sch, b, lanes, cores)
-        return sch
+    def schedule(self, info: base.FuncInfo, match: ConvMatch, target: Target):
+        if match.pointwise is not None:
+            return _schedule_pointwise(info.sch, info, match)
+        return _schedule_channel_vectorized(info.sch, info, match, target)

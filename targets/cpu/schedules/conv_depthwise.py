@@ -24,6 +24,8 @@ rows per task.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvm import s_tir, tirx
 from tvm.target import Target
 
@@ -50,23 +52,36 @@ def _split_chain(sch: s_tir.Schedule, blocks: list, lanes: int):
     return (blocks[:ci], blocks[ci], between[:k], between[k], between[k + 1:], blocks[di], blocks[di + 1:])
 
 
-def _pixel_tile(width: int) -> int:
-    """Pixels of the conv's register tile: up to 16 (with 16 channels, 16 accumulators)."""
-    return base.largest_divisor(width, 16) or 1
+@dataclass(frozen=True)
+class ChainMatch:
+    conv: object
+    conv_pre: list
+    conv_epilogue: list
+    blocked: object  # the NCHW -> NCHW[lanes]c transform between the two
+    depthwise: base.FuncInfo
+    data: object  # the depthwise conv's data load
+    weight: object
+    lanes: int
+    pixels: int  # the conv's register tile: pixels of a row x one vector of channels
+
+
+def conv_pixel_tile(width: int, accumulators: int) -> int:
+    """Pixels of the conv's register tile (one vector of channels each): up to 16, fewer
+    where the accumulator registers are fewer (AVX2: 12, with the weight vector and the
+    broadcast input 14 of 16 registers)."""
+    return base.largest_divisor(width, min(16, accumulators)) or 1
 
 
 class ConvThenDepthwise(base.CPURule):
     """conv2d (+ epilogue) -> depthwise conv2d (+ epilogue) in one kernel (module doc)."""
 
-    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        if not self.is_target_available(target):
-            return None
-        try:
-            sch = s_tir.Schedule(func)
-            blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
-        except Exception:  # noqa: BLE001 - no root block: not ours
-            return None
-        lanes = base.simd_lanes(target)
+    def analyze(self, func: tirx.PrimFunc):
+        return base.root_blocks(func)
+
+    def match(self, info: base.FuncInfo, target: Target) -> ChainMatch | None:
+        sch, blocks = info.sch, info.blocks
+        isa = base.vector_isa(target)
+        lanes = isa.lanes()
         parts = _split_chain(sch, blocks, lanes)
         if parts is None:
             return None
@@ -76,15 +91,20 @@ class ConvThenDepthwise(base.CPURule):
         conv_info = base.FuncInfo(sch=sch, blocks=blocks, main=conv, pre=conv_pre, post=conv_epi)
         if grouped is None or match_conv2d(conv_info) is None or not base.reads_channel_blocked(sch, dw_pre, lanes):
             return None
+        return ChainMatch(conv, conv_pre, conv_epi, blocked, dw_info, grouped[0], grouped[1], lanes,
+                          conv_pixel_tile(_conv_width(sch, blocked), isa.accumulators))
+
+    def schedule(self, info: base.FuncInfo, m: ChainMatch, target: Target):
+        sch, conv, blocked, dw = info.sch, m.conv, m.blocked, m.depthwise.main
         # The conv's epilogue (bias, clip ...) is applied where the blocked tensor is written.
-        for b in conv_epi:
+        for b in m.conv_epilogue:
             sch.compute_inline(b)
         # Its own input padding becomes a bounds check on its loads.
-        for b in conv_pre:
+        for b in m.conv_pre:
             sch.compute_inline(b)
-        stride = max(int(s) for s in _strides(sch.get(dw), grouped[0]))
+        stride = max(int(s) for s in _strides(sch.get(dw), m.data))
         rows = 8 if stride > 1 else 14
-        _schedule_channel_blocked(sch, dw_info, target, grouped[0], grouped[1], lanes, max_rows=rows)
+        _schedule_channel_blocked(sch, m.depthwise, target, m.data, m.weight, m.lanes, max_rows=rows)
         task = sch.get_loops(dw)[0]
         # The task's window of the intermediate, NCHW[lanes]c, computed at the task's start.
         sch.compute_at(blocked, task, preserve_unit_loops=True)
@@ -92,8 +112,7 @@ class ConvThenDepthwise(base.CPURule):
         # the window is clipped at the image's edges.
         n, c, *ys, x = sch.get_loops(blocked)[1:]
         y = sch.fuse(*ys) if len(ys) > 1 else ys[0]
-        tile = _pixel_tile(base.loop_extent(sch, x) or 1)
-        xo, xi = sch.split(x, [None, tile])
+        xo, xi = sch.split(x, [None, m.pixels])
         sch.reorder(n, y, xo, xi, c)
         sch.vectorize(c)
         sch.unroll(xi)
@@ -109,6 +128,11 @@ class ConvThenDepthwise(base.CPURule):
         sch.vectorize(cf)
         sch.decompose_reduction(conv, rc)
         return sch
+
+
+def _conv_width(sch, blocked) -> int:
+    """Width of the rows the NCHW -> NCHW[lanes]c transform reads (the conv's output)."""
+    return int(sch.get(blocked).iter_vars[-1].dom.extent)
 
 
 def _strides(block: tirx.SBlock, data) -> list[int]:

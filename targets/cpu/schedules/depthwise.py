@@ -28,6 +28,8 @@ pass over memory.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvm import tirx
 from tvm.target import Target
 
@@ -185,60 +187,69 @@ def _schedule_channel_blocked(sch, info: base.FuncInfo, target: Target, data, we
     return sch
 
 
-class DepthwiseConv2dNCHW(base.CPURule):
-    """Width-vectorized depthwise / grouped conv2d."""
+@dataclass(frozen=True)
+class DepthwiseMatch:
+    data: object  # the data load
+    weight: object  # the weight load
+    lanes: int
+    channel_blocked: bool  # the NCHW[lanes]c kernel (``_schedule_channel_blocked``)
 
-    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        if not self.is_target_available(target):
-            return None
-        info = base.analyze(func)
+
+class DepthwiseConv2dNCHW(base.CPURule):
+    """Width-vectorized depthwise / grouped conv2d, channel-blocked for short or strided rows."""
+
+    def match(self, info: base.FuncInfo, target: Target) -> DepthwiseMatch | None:
         m = match_grouped_conv2d(info)
         if m is None:
             return None
-        sch = info.sch
-        lanes = base.simd_lanes(target, sch.get(info.main).body.buffer.dtype.bits)
-        if (_use_channel_blocked(sch.get(info.main), m[0], target)
-                or base.reads_channel_blocked(sch, info.pre, lanes)):
-            try:
-                return _schedule_channel_blocked(sch, info, target, m[0], m[1], lanes)
-            except Exception:  # noqa: BLE001 - unexpected structure: the width kernel below
-                info = base.analyze(func)
-                sch = info.sch
-        main = info.main
-        block = sch.get(main)
-        x_ext = int(block.iter_vars[3].dom.extent)
+        block = info.stmt(info.main)
         lanes = base.simd_lanes(target, block.body.buffer.dtype.bits)
-        cores = base.num_cores(target)
-        # Vector = the widest power of two <= lanes dividing the row; a few of them
-        # unrolled form the register tile.  (Odd widths such as <28 x float> make LLVM
-        # emit shuffle-heavy code.)
-        vw = 1
-        while vw * 2 <= lanes and x_ext % (vw * 2) == 0:
-            vw *= 2
-        unroll = base.largest_divisor(x_ext // vw, 8)
-        post = base.inline_post(sch, info.post)
-        wb = sch.cache_write(main, 0, "local")
-        n, f, y, x, rc, ry, rx = sch.get_loops(main)
-        xo, xu, xv = sch.split(x, [None, unroll, vw])
-        sch.reorder(n, f, y, xo, rc, ry, rx, xu, xv)
-        outer = sch.fuse(n, f)
-        if cores > 1:
-            sch.parallel(outer)
-        sch.unroll(xu)
-        if vw > 1:
-            sch.vectorize(xv)
-        sch.reverse_compute_at(wb, xo, preserve_unit_loops=True)
-        left = base.fuse_epilogue(sch, wb, post)
-        wb_loops = sch.get_loops(wb)
-        if vw > 1:
-            _, wv = sch.split(wb_loops[-1], [None, vw])
-            sch.vectorize(wv)
-        for b in left:
-            sch.reverse_compute_at(b, xo, preserve_unit_loops=True)
-        sch.decompose_reduction(main, rc)
-        for b in info.pre:
-            try:
-                base.pad_in_task(sch, b, outer)
-            except Exception:  # noqa: BLE001 - e.g. a producer shared by several planes' tasks
-                base.parallel_vectorize_injective(sch, b, lanes, cores)
-        return sch
+        blocked = _use_channel_blocked(block, m[0], target) or base.reads_channel_blocked(info.sch, info.pre, lanes)
+        return DepthwiseMatch(m[0], m[1], lanes, blocked)
+
+    def schedule(self, info: base.FuncInfo, match: DepthwiseMatch, target: Target):
+        if match.channel_blocked:
+            return _schedule_channel_blocked(info.sch, info, target, match.data, match.weight, match.lanes)
+        return _schedule_width_vectorized(info.sch, info, target)
+
+
+def _schedule_width_vectorized(sch, info: base.FuncInfo, target: Target):
+    """Vectors along the output row, a few of them unrolled as the register tile."""
+    main = info.main
+    block = sch.get(main)
+    x_ext = int(block.iter_vars[3].dom.extent)
+    lanes = base.simd_lanes(target, block.body.buffer.dtype.bits)
+    cores = base.num_cores(target)
+    # Vector = the widest power of two <= lanes dividing the row; a few of them
+    # unrolled form the register tile.  (Odd widths such as <28 x float> make LLVM
+    # emit shuffle-heavy code.)
+    vw = 1
+    while vw * 2 <= lanes and x_ext % (vw * 2) == 0:
+        vw *= 2
+    unroll = base.largest_divisor(x_ext // vw, 8)
+    post = base.inline_post(sch, info.post)
+    wb = sch.cache_write(main, 0, "local")
+    n, f, y, x, rc, ry, rx = sch.get_loops(main)
+    xo, xu, xv = sch.split(x, [None, unroll, vw])
+    sch.reorder(n, f, y, xo, rc, ry, rx, xu, xv)
+    outer = sch.fuse(n, f)
+    if cores > 1:
+        sch.parallel(outer)
+    sch.unroll(xu)
+    if vw > 1:
+        sch.vectorize(xv)
+    sch.reverse_compute_at(wb, xo, preserve_unit_loops=True)
+    left = base.fuse_epilogue(sch, wb, post)
+    wb_loops = sch.get_loops(wb)
+    if vw > 1:
+        _, wv = sch.split(wb_loops[-1], [None, vw])
+        sch.vectorize(wv)
+    for b in left:
+        sch.reverse_compute_at(b, xo, preserve_unit_loops=True)
+    sch.decompose_reduction(main, rc)
+    for b in info.pre:
+        try:
+            base.pad_in_task(sch, b, outer)
+        except Exception:  # noqa: BLE001 - e.g. a producer shared by several planes' tasks
+            base.parallel_vectorize_injective(sch, b, lanes, cores)
+    return sch

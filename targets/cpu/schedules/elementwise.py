@@ -26,15 +26,15 @@ from .matmul import is_gemm_block, schedule_gemm_block
 
 
 class Injective(base.CPURule):
-    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        if not self.is_target_available(target):
+    """Funcs of spatial blocks only: inline what can be, parallel + vectorize the rest."""
+
+    def match(self, info: base.FuncInfo, target: Target):
+        if not info.blocks or any("R" in base.iter_kinds(info.stmt(b)) for b in info.blocks):
             return None
-        info = base.analyze(func)
-        if info is None or not info.blocks:
-            return None
+        return True
+
+    def schedule(self, info: base.FuncInfo, match, target: Target):
         sch = info.sch
-        if any("R" in base.iter_kinds(sch.get(b)) for b in info.blocks):
-            return None
         lanes = base.simd_lanes(target)
         cores = base.num_cores(target)
         outs = base.output_blocks(sch)
@@ -53,18 +53,19 @@ class Injective(base.CPURule):
 
 
 class Fallback(base.CPURule):
-    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        if not self.is_target_available(target):
-            return None
-        try:
-            sch = s_tir.Schedule(func)
-            root = sch.get_sblock("root")
-            blocks = list(sch.get_child_blocks(root))
-        except Exception:  # noqa: BLE001
-            return None
+    """Every func with a root block: inline data movement, schedule each block by its kind."""
+
+    def analyze(self, func: tirx.PrimFunc):
+        return base.root_blocks(func)
+
+    def match(self, info: base.FuncInfo, target: Target):
+        return True
+
+    def schedule(self, info: base.FuncInfo, match, target: Target):
+        sch = info.sch
         lanes = base.simd_lanes(target)
         cores = base.num_cores(target)
-        blocks = _inline_data_movement(sch, blocks)
+        blocks = _inline_data_movement(sch, info.blocks)
         for b in blocks:
             try:
                 _schedule_block(sch, b, lanes, cores, target)

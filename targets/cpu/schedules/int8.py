@@ -37,6 +37,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import tvm
@@ -59,13 +60,17 @@ _MATMUL = tvm.ir.Op.get("relax.matmul")
 
 
 def dot_instruction(target: Target | None) -> str | None:
-    """"vnni", "sdot" or None: the int8 dot-product instruction ``target`` has."""
+    """"vnni", "sdot" or None: the int8 dot-product instruction this rule tensorizes with.
+
+    From the target's vector ISA: AVX512-VNNI, or AArch64 dotprod (which every i8mm core
+    also has).  The other int8 paths the ISA names (AVX-VNNI on ymm, AVX2's vpmaddubsw
+    pair sums) are not kernels here: those targets keep the plain form."""
     if target is None or target.kind.name != "llvm":
         return None
-    has = tvm.target.codegen.target_has_features
-    if base.is_arm(target):
-        return "sdot" if has("dotprod", target) else None
-    return "vnni" if has("avx512vnni", target) else None
+    isa = base.vector_isa(target)
+    if isa.int8_dot == "vnni-512":
+        return "vnni"
+    return "sdot" if "dotprod" in isa.features else None
 
 
 # ------------------------------------------------------------------ compile-time packing
@@ -364,15 +369,22 @@ def _register_tile(pixels: int, f_blocks: int, max_acc: int, lanes_per_block: in
     return rn, fv
 
 
+@dataclass(frozen=True)
+class Int8Match:
+    instruction: str
+    conv: bool  # conv2d (9 iters) or dense (5)
+    pixels: int  # the accumulator tile: pixels (rows for dense) ...
+    channel_blocks: int  # ... x 16-channel blocks
+
+
 class Int8DotProduct(base.CPURule):
     """Tensorized int8 conv2d / dense kernels made by ``int8_layout_pass`` (see module doc)."""
 
-    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        instruction = dot_instruction(target)
-        if instruction is None:
-            return None
-        info = base.analyze(func)
-        if info is None or info.main is None:
+    def is_target_available(self, target: Target) -> bool:
+        return dot_instruction(target) is not None
+
+    def match(self, info: base.FuncInfo, target: Target) -> Int8Match | None:
+        if info.main is None:
             return None
         sch = info.sch
         block = sch.get(info.main)
@@ -380,23 +392,30 @@ class Int8DotProduct(base.CPURule):
             return None
         if not info.pre or not sch.get(info.pre[-1]).name_hint.startswith("int8_pack"):
             return None
+        instruction = dot_instruction(target)
+        conv = len(block.iter_vars) == 9
+        _, lanes = _intrinsic(instruction)
+        max_acc = base.vector_isa(target).accumulators
+        exts = [int(iv.dom.extent) for iv in block.iter_vars]
+        # conv: (n, fo, y, x, ..): a row of pixels; dense: (fo, rows, ..)
+        pixels, f_blocks = (exts[3], exts[1]) if conv else (exts[1], exts[0])
+        rn, fv = _register_tile(pixels, f_blocks, max_acc, lanes)
+        return Int8Match(instruction, conv, rn, fv)
+
+    def schedule(self, info: base.FuncInfo, m: Int8Match, target: Target):
+        sch = info.sch
+        block = sch.get(info.main)
         pack = info.pre[-1]
         for b in info.pre[:-1]:  # e.g. a zero-point pad in front of the conv: read through it
             sch.compute_inline(b)
         post = base.inline_post(sch, info.post)
-        conv = len(block.iter_vars) == 9
-        _, lanes = _intrinsic(instruction)
-        max_acc = base.num_vector_registers(target) - 8
+        conv, rn, fv = m.conv, m.pixels, m.channel_blocks
         cores = base.num_cores(target)
         exts = [int(iv.dom.extent) for iv in block.iter_vars]
         acc = info.main
         if conv:
-            n_ext, fo_ext, y_ext, x_ext = exts[:4]
-            rn, fv = _register_tile(x_ext, fo_ext, max_acc, lanes)
             done = _conv_under_output(sch, acc, post, rn, fv, exts, cores)
         else:
-            fo_ext, rows = exts[:2]
-            rn, fv = _register_tile(rows, fo_ext, max_acc, lanes)
             done = _dense_under_output(sch, acc, post, rn, fv, exts, cores)
         if not done:
             _standalone(sch, acc, rn, fv, conv, cores)
@@ -406,7 +425,7 @@ class Int8DotProduct(base.CPURule):
         loops = sch.get_loops(acc)
         init = sch.decompose_reduction(acc, loops[-7 if conv else -5])
         sch.vectorize(sch.get_loops(init)[-1])
-        _tensorize_inner(sch, acc, loops[-2], loops[-1], instruction)
+        _tensorize_inner(sch, acc, loops[-2], loops[-1], m.instruction)
         # the tile is a few registers; the intrinsics are declared on "global" buffers, so
         # the scope changes only after tensorize
         sch.set_scope(init, 0, "local")

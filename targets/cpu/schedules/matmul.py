@@ -57,13 +57,10 @@ def match_matmul(info: base.FuncInfo):
 class Matmul(base.CPURule):
     """Register-blocked, vectorized, parallel GEMM / batched GEMM."""
 
-    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        if not self.is_target_available(target):
-            return None
-        info = base.analyze(func)
-        block = match_matmul(info)
-        if block is None:
-            return None
+    def match(self, info: base.FuncInfo, target: Target):
+        return match_matmul(info)
+
+    def schedule(self, info: base.FuncInfo, block, target: Target):
         sch = info.sch
         post = base.inline_post(sch, info.post)
         schedule_gemm_block(sch, info.main, target, post)
@@ -91,6 +88,14 @@ def gemm_j_tile(n_ext: int, lanes: int, m_ext: int) -> int:
     if ji == 0:
         ji = n_ext if n_ext <= 2 * lanes else base.largest_divisor(n_ext, 2 * lanes)
     return ji
+
+
+def gemm_i_tile(m_ext: int, ji: int, lanes: int, max_acc: int) -> int:
+    """Output rows per register tile: as many as the accumulator registers allow, each row
+    ``ceil(ji / lanes)`` accumulators (with one broadcast of A and the tile's vectors of B
+    the step fits the register file: 12 x 1 + 1 + 1 of AVX2's 16)."""
+    j_vecs = max((ji + lanes - 1) // lanes, 1)
+    return base.largest_divisor(m_ext, max(max_acc // j_vecs, 1)) or 1
 
 
 def _schedule_gemv_split_k(sch, main, ji: int, cores: int, post):
@@ -154,8 +159,9 @@ def schedule_gemm_block(sch, main, target: Target, post=()):
     block = sch.get(main)
     exts = [int(iv.dom.extent) for iv in block.iter_vars]
     m_ext, n_ext = exts[-3], exts[-2]
-    lanes = base.simd_lanes(target, block.body.buffer.dtype.bits)
-    max_acc = base.num_vector_registers(target) - 8
+    isa = base.vector_isa(target)
+    lanes = isa.lanes(block.body.buffer.dtype.bits)
+    max_acc = isa.accumulators
     cores = base.num_cores(target)
 
     ivs = [v.var for v in block.iter_vars]
@@ -171,8 +177,7 @@ def schedule_gemm_block(sch, main, target: Target, post=()):
         for e in exts[:-3]:
             m_ext *= e
     ji = gemm_j_tile(n_ext, lanes, m_ext)
-    j_vecs = max((ji + lanes - 1) // lanes, 1)
-    ii = base.largest_divisor(m_ext, max(max_acc // j_vecs, 1)) or 1
+    ii = gemm_i_tile(m_ext, ji, lanes, max_acc)
 
     # "NT" operand (B[.., j, k], e.g. Q @ K^T): a vector over j would be a gather, so
     # the (jtile x K) panel is repacked as (K x jtile) once per output tile.

@@ -31,17 +31,16 @@ def _is_window_reduction(block) -> bool:
 
 
 class Pooling(base.CPURule):
-    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        if not self.is_target_available(target):
+    """Window reductions: vector taps over the innermost spatial axis, parallel planes."""
+
+    def match(self, info: base.FuncInfo, target: Target):
+        if info.main is None:
             return None
-        info = base.analyze(func)
-        if info is None or info.main is None:
-            return None
-        sch = info.sch
-        block = sch.get(info.main)
-        if not _is_window_reduction(block) or "R" not in base.iter_kinds(block):
-            return None
-        return schedule_window_reduction(sch, info, target)
+        block = info.stmt(info.main)
+        return block if _is_window_reduction(block) and "R" in base.iter_kinds(block) else None
+
+    def schedule(self, info: base.FuncInfo, block, target: Target):
+        return schedule_window_reduction(info.sch, info, target)
 
 
 def schedule_window_reduction(sch, info: base.FuncInfo, target: Target):

@@ -13,7 +13,6 @@ result has a parallel loop.
 
 from __future__ import annotations
 
-from tvm import tirx
 from tvm.s_tir.dlight.cpu import Reduction as _DlightReduction
 from tvm.target import Target
 
@@ -21,11 +20,10 @@ from . import base
 
 
 class RowReduction(base.CPURule):
-    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        if not self.is_target_available(target):
-            return None
-        info = base.analyze(func)
-        if info is None or len(info.blocks) < 2:
+    """Reduce-then-normalize funcs, by dlight's CPU ``Reduction`` rule."""
+
+    def match(self, info: base.FuncInfo, target: Target):
+        if len(info.blocks) < 2:
             return None
         sch = info.sch
         kinds = [base.iter_kinds(sch.get(b)) for b in info.blocks]
@@ -40,7 +38,9 @@ class RowReduction(base.CPURule):
             return None  # e.g. softmax over a middle axis: the fallback rule's loops stay correct
         if any(base.writes_bool(sch.get(b)) for b in info.blocks):
             return None  # dlight would vectorize them (see base.writes_bool)
-        try:
-            return _DlightReduction().apply(func, target, tunable)
-        except Exception:  # noqa: BLE001 - pattern dlight cannot handle: fallback rule
-            return None
+        return True
+
+    def schedule(self, info: base.FuncInfo, match, target: Target):
+        # dlight's rule declines (None) the patterns it cannot handle; the fallback rule
+        # takes those
+        return _DlightReduction().apply(info.sch.mod["main"], target, False)

@@ -208,23 +208,25 @@ class WinogradConv2d(base.CPURule):
     """The stages of ``winograd_conv2d_te`` (pad, input transform, GEMMs, output transform)
     plus the fused epilogue."""
 
-    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        if not self.is_target_available(target):
-            return None
-        sch = tvm.s_tir.Schedule(func)
-        blocks = [_block(sch, name) for name in _STAGES]
-        if any(b is None for b in blocks):
-            return None
-        pad, rows, pack, gemm, inv_rows, inverse = blocks
+    def analyze(self, func: tirx.PrimFunc):
+        return base.root_blocks(func)
+
+    def match(self, info: base.FuncInfo, target: Target):
+        blocks = [_block(info.sch, name) for name in _STAGES]
+        return None if any(b is None for b in blocks) else blocks
+
+    def schedule(self, info: base.FuncInfo, stages: list, target: Target):
+        sch = info.sch
+        pad, rows, pack, gemm, inv_rows, inverse = stages
         # The transform matrices are select chains (topi's const_matrix): inlined, they fold
         # to constants once the tap loops are unrolled, and zero taps disappear.
         for name in ("winograd_A", "winograd_B"):
             const = _block(sch, name)
             if const is not None:
                 sch.compute_inline(const)
-        lanes = base.simd_lanes(target, 32)
+        isa = base.vector_isa(target)
+        lanes = isa.lanes(32)
         cores = base.num_cores(target)
-        max_acc = base.num_vector_registers(target) - 8
         post = base.inline_post(sch, _blocks_after(sch, inverse))
         # Image by image: at batch 8, V and M of a 64-channel 56x56 layer are 14 MB each,
         # twice through DRAM; one image's (1.8 MB) stay in L2/L3.  Each stage is a
@@ -232,7 +234,7 @@ class WinogradConv2d(base.CPURule):
         # (compute_at regenerates a producer's loops under the image loop).
         image = _schedule_inverse(sch, inverse, inv_rows, post, lanes, cores)
         sch.compute_at(gemm, image, preserve_unit_loops=True)
-        _schedule_gemm(sch, gemm, lanes, cores, max_acc)
+        _schedule_gemm(sch, gemm, lanes, cores, isa.accumulators)
         sch.compute_at(pack, image, preserve_unit_loops=True)
         _schedule_pack(sch, pack, rows, lanes, cores)
         sch.compute_at(pad, image, preserve_unit_loops=True)
