@@ -12,6 +12,45 @@ import torch  # noqa: E402
 torch.manual_seed(0)
 
 
+#: CI (``CI=true``, as GitHub Actions and .ci/run set it) provides every tool a test needs, so there a missing
+#: tool is a failure: a skip would let the coverage vanish without anyone noticing.
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def skip_unless_ci(reason: str) -> None:
+    """Skip the calling test on a machine that lacks what it needs; fail it in CI."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: .ci/run must provide this)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def aarch64_env():
+    """The emulated aarch64 board: qemu-user and the cached aarch64 sysroot, installed and built if missing,
+    plus the cross linker (the ziglang wheel, a dependency, so never missing). Skipped only on a machine that
+    cannot install system packages (not root, no apt-get) and outside CI; any other failure fails the test."""
+    from graphopt.errors import EmulationError
+    from graphopt.targets.aarch64 import emulation, toolchain
+
+    toolchain.ensure_cross_toolchain()
+    try:
+        return emulation.ensure_aarch64_sysroot()
+    except EmulationError as exc:
+        reason = toolchain.apt_unavailable_reason()
+        if reason is None:
+            raise
+        skip_unless_ci(f"aarch64 emulation is not set up and cannot be installed here ({reason}): {exc}")
+
+
+def pytest_collection_modifyitems(config, items):
+    # `-m "not emulated"` must deselect every test that starts qemu, so the marker is checked, not trusted.
+    unmarked = [item.nodeid for item in items
+                if "aarch64_env" in getattr(item, "fixturenames", ()) and item.get_closest_marker("emulated") is None]
+    if unmarked:
+        raise pytest.UsageError("tests that use the emulated aarch64 board must be marked "
+                                f"@pytest.mark.emulated: {', '.join(unmarked)}")
+
+
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(0)

@@ -1,13 +1,16 @@
 """aarch64 deployment: cross-compile a conv model, run it under qemu-aarch64, compare with eager PyTorch.
 
-The emulated test installs what it needs (cross toolchain, qemu-user, the cached aarch64 sysroot; ~25 s the
-first time on a machine, nothing afterwards). It skips only when this machine cannot install them at all
-(no apt-get, not root); every other failure, including a failed download, fails the test.
-The unit tests at the top need neither the toolchain nor the emulator.
+Cross-compiling needs nothing beyond graphopt's own dependencies: the ``ziglang`` wheel links aarch64
+libraries. The emulated tests use the ``aarch64_env`` fixture (tests/conftest.py), which installs qemu-user
+and builds the cached aarch64 sysroot (~25 s the first time on a machine, nothing afterwards). They skip only
+outside CI on a machine that cannot install system packages (no apt-get, not root); in CI, and for every
+other failure including a failed download, they fail.
+The unit tests at the top need neither the emulator nor a linker.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -26,18 +29,34 @@ EM_AARCH64 = 183  # /usr/include/elf.h
 # ------------------------------------------------------------------------------------------- unit tests
 
 
-def test_toolchain_error_names_compiler_and_install_command(monkeypatch):
+def test_zig_from_the_ziglang_wheel_is_the_aarch64_linker():
+    linker = toolchain.ensure_cross_toolchain()
+    assert linker.toolchain == "zig" and linker.command[1:] == ("-m", "ziglang", "cc")
+    assert linker.triple == "aarch64-linux-gnu"
+
+
+def test_gnu_cross_compiler_is_used_without_ziglang(monkeypatch):
+    monkeypatch.setattr(toolchain, "find_zig", lambda: None)
+    monkeypatch.setattr(toolchain.shutil, "which", lambda name, *a, **k: f"/usr/bin/{name}")
+    linker = toolchain.ensure_cross_toolchain()
+    assert linker.toolchain == "gnu" and linker.command == ("/usr/bin/aarch64-linux-gnu-g++",)
+
+
+def test_toolchain_error_names_both_linkers_and_install_commands(monkeypatch):
+    monkeypatch.setattr(toolchain, "find_zig", lambda: None)
     monkeypatch.setattr(toolchain.shutil, "which", lambda name, *a, **k: None)
     with pytest.raises(ToolchainError) as info:
         toolchain.ensure_cross_toolchain(install=False)
     message = str(info.value)
     assert "`aarch64-linux-gnu-g++` is not on PATH" in message
+    assert "pip install ziglang" in message
     assert "apt-get install -y --no-install-recommends gcc-aarch64-linux-gnu g++-aarch64-linux-gnu" in message
     assert "ensure_cross_toolchain(install=True)" in message
     assert isinstance(info.value, RuntimeError)
 
 
 def test_toolchain_install_without_apt_explains(monkeypatch):
+    monkeypatch.setattr(toolchain, "find_zig", lambda: None)
     monkeypatch.setattr(toolchain.shutil, "which", lambda name, *a, **k: None)
     with pytest.raises(
         ToolchainError,
@@ -45,6 +64,13 @@ def test_toolchain_install_without_apt_explains(monkeypatch):
         r"Install them yourself with: apt-get install",
     ):
         toolchain.ensure_cross_toolchain(install=True)
+
+
+def test_link_failure_is_a_toolchain_error_with_the_linker_output(tmp_path):
+    (tmp_path / "bad.o").write_bytes(b"not an object file")
+    link = toolchain.cross_compiler_fcompile()
+    with pytest.raises(ToolchainError, match=r"linking .*model\.so for aarch64-linux-gnu failed"):
+        link(str(tmp_path / "model.so"), [str(tmp_path / "bad.o")])
 
 
 def test_fcompile_for_target_is_none_for_host():
@@ -93,6 +119,7 @@ def _write_manifest(folder: Path, input_shapes, target: dict, output_shapes=()) 
         "format": "graphopt-artifact",
         "format_version": 1,
         "library": "model.so",
+        "sha256": hashlib.sha256((folder / "model.so").read_bytes()).hexdigest(),  # written first
         "target": target,
         "inputs": [
             {"name": f"x{i}", "shape": list(s), "dtype": "float32"} for i, s in enumerate(input_shapes)
@@ -103,22 +130,6 @@ def _write_manifest(folder: Path, input_shapes, target: dict, output_shapes=()) 
         "entry": "main",
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
-
-
-@pytest.fixture(scope="module")
-def aarch64_env():
-    """Cross toolchain + emulator, installed if missing; skip only where installing is impossible here."""
-    have_all = toolchain.find_cross_compiler() is not None and emulation.find_qemu() is not None
-    reason = toolchain.apt_unavailable_reason()
-    if reason is not None and not have_all:
-        pytest.skip(f"aarch64 cross toolchain/qemu missing and cannot be installed: {reason}")
-    try:
-        toolchain.ensure_cross_toolchain(install=True)
-        return emulation.ensure_aarch64_sysroot()
-    except (ToolchainError, EmulationError) as exc:
-        if reason is not None:  # tools present, but the sysroot needs apt and apt is unusable here
-            pytest.skip(f"aarch64 emulation environment cannot be built: {exc}")
-        raise
 
 
 @pytest.mark.emulated
@@ -231,8 +242,10 @@ def test_session_runs_many_artifacts_and_survives_failures(session, arm64_artifa
     # is reported with the signal, and the next run gets a fresh process
     truncated = tmp_path / "truncated"
     truncated.mkdir()
-    (truncated / "model.so").write_bytes((Path(path) / "model.so").read_bytes()[:4096])
-    (truncated / "manifest.json").write_text(json.dumps(manifest))
+    head = (Path(path) / "model.so").read_bytes()[:4096]
+    (truncated / "model.so").write_bytes(head)
+    # recorded with its own hash, so that the library reaches the loader instead of the hash check
+    (truncated / "manifest.json").write_text(json.dumps(dict(manifest, sha256=hashlib.sha256(head).hexdigest())))
     with pytest.raises(EmulationError, match="the emulated runner died"):
         session.run(truncated, [x.numpy()])
     np.testing.assert_array_equal(session.run(path, [x.numpy()])[0], first[0])
@@ -264,17 +277,12 @@ def test_five_reference_models_on_emulated_arm64(session, arm64_artifacts):
 @pytest.mark.emulated
 def test_int8_cnn_for_arm64_dotprod_uses_sdot_and_runs_emulated(session, arm64_artifacts):
     # qemu's `-cpu max` (EmulatorEnv.cpu) implements the dot-product extension the int8 kernels use
-    import shutil
-    import subprocess
-
     from graphopt.testing import sqnr_db
 
     path, model, x, module = arm64_artifacts("cnn", "arm64-dotprod", "fold,quantize")
-    objdump = shutil.which("aarch64-linux-gnu-objdump")
-    if objdump is not None:  # binutils of the cross toolchain
-        listing = subprocess.run([objdump, "-d", str(Path(path) / "model.so")], capture_output=True, text=True,
-                                 check=True).stdout
-        assert "sdot" in listing, "the int8 build for arm64-dotprod has no sdot instruction"
+    (kernels,) = module.executable.mod.imports  # the LLVM module linked into model.so
+    assembly = kernels.inspect_source("s")
+    assert "sdot" in assembly, "the int8 build for arm64-dotprod has no sdot instruction"
     (out,) = session.run(path, [x.numpy()])
     with torch.no_grad():
         quantized = module.graph(x)  # the int8 graph run by PyTorch: what the kernels should compute

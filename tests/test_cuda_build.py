@@ -23,7 +23,7 @@ import graphopt
 from graphopt.errors import ArtifactError
 from graphopt.models import cnn, mlp
 from graphopt.targets.cuda.device_code import cuda_source, nvcc_version
-from graphopt.targets.aarch64.toolchain import EM_AARCH64, EM_X86_64, elf_machine, find_cross_compiler
+from graphopt.targets.aarch64.toolchain import EM_AARCH64, EM_X86_64, elf_machine
 
 
 def _module_kinds(mod, depth=0):
@@ -131,7 +131,6 @@ def test_int8_model_with_pointwise_and_depthwise_convs_builds_for_cuda():
     _assert_ptx_for(device_code, "sm_80")
 
 
-@pytest.mark.skipif(find_cross_compiler() is None, reason="aarch64 cross compiler not installed")
 def test_jetson_orin_artifact_is_an_aarch64_library_with_cuda_kernels(tmp_path):
     module = graphopt.compile(mlp(), "jetson-orin", (torch.randn(1, 784),))
     path = module.save(str(tmp_path / "orin"))

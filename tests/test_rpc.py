@@ -18,10 +18,7 @@ import torch
 import graphopt
 from graphopt.errors import TuningError
 from graphopt.targets.tuning.remote import LoopbackCluster
-from graphopt.targets.aarch64.toolchain import find_cross_compiler
 from graphopt.targets.tuning.tuner import RPC, Tune
-
-pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado")
 
 SMALL = dict(population=16, trials_per_iter=2, progress=False)
 
@@ -69,14 +66,11 @@ def test_no_tracker_is_a_tuning_error(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(find_cross_compiler() is None, reason="aarch64 cross compiler not installed")
-def test_tuning_measures_on_an_emulated_aarch64_server(cluster, tmp_path):
-    from graphopt.targets.aarch64.emulation import ensure_aarch64_sysroot, run_artifact_emulated
+@pytest.mark.emulated
+def test_tuning_measures_on_an_emulated_aarch64_server(cluster, aarch64_env, tmp_path):
+    from graphopt.targets.aarch64.emulation import run_artifact_emulated
 
-    try:
-        env = ensure_aarch64_sysroot()
-    except Exception as e:  # noqa: BLE001 - no apt/root/network: the emulated board cannot be built here
-        pytest.skip(f"aarch64 emulation unavailable: {e}")
+    env = aarch64_env
     cluster.add_emulated_aarch64_server("arm64-emu", env)
     cluster.wait_for("arm64-emu", timeout_s=240)  # `import tvm` takes ~10 s emulated, more on a busy host
     model, x = tiny_model(), torch.randn(1, 32)

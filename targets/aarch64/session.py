@@ -111,7 +111,7 @@ class EmulatorSession:
             raise EmulationError(f"{doing}: no answer from the emulated runner within {timeout:.0f} s "
                                  f"(killed it){':' if tail else ''}\n{tail}".rstrip()) from None
         if line is None:
-            status = self._proc.wait() if self._proc is not None else None
+            status = _reap(self._proc) if self._proc is not None else None
             tail = self._stderr_tail()
             self._stop()
             raise EmulationError(f"{doing}: the emulated runner died (exit status {status}; a negative status "
@@ -127,8 +127,7 @@ class EmulatorSession:
                     proc.stdin.close()  # EOF: the runner exits on its own
                     proc.wait(timeout=10)
                 except (OSError, subprocess.TimeoutExpired):
-                    proc.kill()
-                    proc.wait()
+                    _reap(proc)
             elif proc.stdin is not None:
                 proc.stdin.close()
         if self._stderr is not None:
@@ -186,3 +185,16 @@ class EmulatorSession:
     def __del__(self) -> None:  # a forgotten session must not leave an emulator behind
         if getattr(self, "_proc", None) is not None:
             self._stop()
+
+
+def _reap(proc: subprocess.Popen[str], grace_s: float = 10.0) -> int | None:
+    """The exit status of ``proc``, killing it if it has not exited within ``grace_s`` (its stdout closed
+    does not prove it is gone); None if even a killed process cannot be reaped (stuck in the kernel)."""
+    try:
+        return proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    try:
+        return proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        return None

@@ -2,19 +2,32 @@
 
 TVM generates the machine code of an artifact itself (LLVM, selected by the target's ``mtriple``); what it
 cannot do alone is *link* that object into the shared library ``model.so`` that ``export_library`` writes.
-For a host build it calls the host ``g++``; for an aarch64 build it needs a linker for aarch64, i.e. the GNU
-cross toolchain ``aarch64-linux-gnu-g++`` (Debian/Ubuntu packages ``gcc-aarch64-linux-gnu`` and
-``g++-aarch64-linux-gnu``).
+For a host build it calls the host ``g++``; for an aarch64 build it needs a linker for aarch64.
+
+Two linkers qualify, tried in this order:
+
+* **Zig** (the ``ziglang`` wheel, a dependency of graphopt): ``python -m ziglang cc -target
+  aarch64-linux-gnu`` is a complete clang/lld cross toolchain with glibc link stubs for every architecture,
+  so cross-compiling works right after ``pip install graphopt``, without system packages or root. The
+  library is linked with ``-nostdlib -lc -lm``: TVM's objects call only libc/libm and the TVM runtime, all
+  resolved by the dynamic loader on the device; leaving out Zig's default start files and compiler-rt keeps
+  the first link on a machine at ~3 s instead of the minutes Zig spends building compiler-rt (and libc++
+  for ``c++``) into its cache. Should LLVM ever emit a compiler-rt helper, loading the library fails with
+  "undefined symbol", never a wrong result.
+* **GNU** ``aarch64-linux-gnu-g++`` (Debian/Ubuntu packages ``gcc-aarch64-linux-gnu`` and
+  ``g++-aarch64-linux-gnu``), used only where ``ziglang`` is not installed.
 
 Design:
 
-* **Finding** is pure (``find_cross_compiler``): ``shutil.which`` on ``<triple>-g++``, nothing else.
+* **Finding** is pure (``find_cross_compiler``): the Zig wheel, else ``shutil.which("<triple>-g++")``.
 * **Ensuring** (``ensure_cross_toolchain``) never installs behind the caller's back. With ``install=False``
-  (the default) a missing compiler is a :class:`~graphopt.errors.ToolchainError` whose message names the
-  missing program and the exact ``apt-get`` command; with ``install=True`` it runs that command itself,
-  which needs Debian/Ubuntu, ``apt-get`` and root (each failure again a ``ToolchainError`` saying which).
+  (the default) a missing linker is a :class:`~graphopt.errors.ToolchainError` whose message names both
+  ways to get one (``pip install ziglang``, or the exact ``apt-get`` command); with ``install=True`` it
+  runs that apt-get command itself, which needs Debian/Ubuntu, ``apt-get`` and root (each failure again a
+  ``ToolchainError`` saying which).
 * **Linking** (``cross_compiler_fcompile``) returns the callable that ``export_library(path, fcompile=...)``
-  expects, built with ``tvm.support.cc.cross_compiler`` (``tvm.contrib.cc`` is gone in TVM 0.27).
+  expects: ``fcompile(output, objects, options)`` with the ``output_format`` and ``get_target_triple``
+  attributes that ``tvm.support.cc.cross_compiler`` would set.
 
 The apt helpers (``apt_unavailable_reason``, ``apt_install``) are shared with ``emulation.py``, which installs
 ``qemu-user`` and downloads arm64 packages the same way; they take the error class to raise so that each
@@ -28,12 +41,14 @@ Example::
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import struct
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +67,43 @@ _LLVM_ARCH_TO_DEBIAN = {"aarch64": "aarch64", "arm64": "aarch64"}
 
 # apt's lock and dpkg's own prompts must never block a test run waiting for a human.
 _APT_ENV = {"DEBIAN_FRONTEND": "noninteractive"}
+
+
+#: What to pass Zig after its objects: the C and math libraries of the device (Zig's glibc link stubs).
+_ZIG_DEVICE_LIBRARIES = ("-lc", "-lm")
+# A link takes well under a second once Zig's cache holds the glibc stubs (~3 s the first time).
+_LINK_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class CrossCompiler:
+    """A linker for shared libraries of one cross triple: Zig's clang/lld driver or a GNU ``<triple>-g++``."""
+
+    #: ``"zig"`` or ``"gnu"``.
+    toolchain: str
+    #: The command that starts the driver, e.g. ``(python, "-m", "ziglang", "cc")`` or ``("/usr/bin/...-g++",)``.
+    command: tuple[str, ...]
+    triple: str = AARCH64_TRIPLE
+
+    def __str__(self) -> str:
+        return " ".join(self.command)
+
+    def link_shared(self, output: str, objects: Sequence[str], options: Sequence[str] | None = None) -> None:
+        """Link ``objects`` into the shared library ``output``; ToolchainError with the linker's output."""
+        if self.toolchain == "zig":
+            cmd = [*self.command, "-target", self.triple, "-shared", "-fPIC", "-nostdlib", "-o", output,
+                   *objects, *(options or ()), *_ZIG_DEVICE_LIBRARIES]
+        else:
+            cmd = [*self.command, "-shared", "-fPIC", "-o", output, *objects, *(options or ())]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_LINK_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise ToolchainError(f"linking {output} for {self.triple} did not finish within "
+                                 f"{_LINK_TIMEOUT_S:.0f} s: {' '.join(cmd)}") from exc
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+            raise ToolchainError(f"linking {output} for {self.triple} failed (exit code {proc.returncode}): "
+                                 f"{' '.join(cmd)}\n{tail}")
 
 
 def cross_compiler_name(triple: str = AARCH64_TRIPLE) -> str:
@@ -73,9 +125,21 @@ def install_command(packages: Sequence[str]) -> str:
     return "apt-get install -y --no-install-recommends " + " ".join(packages)
 
 
-def find_cross_compiler(triple: str = AARCH64_TRIPLE) -> str | None:
-    """Absolute path of ``<triple>-g++`` on ``PATH``, or None when it is not installed."""
-    return shutil.which(cross_compiler_name(triple))
+def find_zig() -> tuple[str, ...] | None:
+    """The command that runs Zig's C driver from the ``ziglang`` wheel, or None when it is not installed."""
+    if importlib.util.find_spec("ziglang") is None:
+        return None
+    return (sys.executable, "-m", "ziglang", "cc")
+
+
+def find_cross_compiler(triple: str = AARCH64_TRIPLE) -> CrossCompiler | None:
+    """The linker for ``triple`` artifacts (Zig first, then ``<triple>-g++`` on PATH), or None when neither
+    is installed."""
+    zig = find_zig()
+    if zig is not None:
+        return CrossCompiler("zig", zig, triple)
+    gnu = shutil.which(cross_compiler_name(triple))
+    return CrossCompiler("gnu", (gnu,), triple) if gnu is not None else None
 
 
 def debian_triple(mtriple: str) -> str | None:
@@ -157,12 +221,13 @@ def apt_install(
         run_apt(cmd, error_cls=error_cls, what=f"installing {' '.join(packages)}")
 
 
-def ensure_cross_toolchain(install: bool = False, triple: str = AARCH64_TRIPLE) -> str:
-    """Return the path of ``<triple>-g++``, installing it with apt-get first when ``install`` is true.
+def ensure_cross_toolchain(install: bool = False, triple: str = AARCH64_TRIPLE) -> CrossCompiler:
+    """Return the linker for ``triple`` artifacts, installing the GNU cross toolchain with apt-get first when
+    neither Zig nor GNU is there and ``install`` is true.
 
     Raises:
-        ToolchainError: the compiler is missing and ``install`` is false (the message names the program
-            and the install command), or installing it failed or is impossible here (no apt-get, not root).
+        ToolchainError: no linker and ``install`` is false (the message names ``pip install ziglang`` and the
+            apt command), or installing failed or is impossible here (no apt-get, not root).
     """
     found = find_cross_compiler(triple)
     if found is not None:
@@ -171,9 +236,9 @@ def ensure_cross_toolchain(install: bool = False, triple: str = AARCH64_TRIPLE) 
     name = cross_compiler_name(triple)
     if not install:
         raise ToolchainError(
-            f"the {triple} cross compiler `{name}` is not on PATH; it is needed to link {triple} artifacts "
-            f"(export_library). Install it with: {install_command(packages)} "
-            f"(or call ensure_cross_toolchain(install=True))"
+            f"no linker for {triple} artifacts (export_library): the `ziglang` package is not installed and "
+            f"the {triple} cross compiler `{name}` is not on PATH. Install either with: pip install ziglang, "
+            f"or: {install_command(packages)} (or call ensure_cross_toolchain(install=True))"
         )
     apt_install(packages, error_cls=ToolchainError, purpose=f" (the {triple} cross toolchain)")
     found = find_cross_compiler(triple)
@@ -188,13 +253,17 @@ def ensure_cross_toolchain(install: bool = False, triple: str = AARCH64_TRIPLE) 
 def cross_compiler_fcompile(triple: str = AARCH64_TRIPLE, install: bool = False) -> Callable[..., Any]:
     """The ``fcompile`` for ``Executable.export_library`` that links a shared library for ``triple``.
 
-    Raises ToolchainError (see :func:`ensure_cross_toolchain`) when the cross compiler is missing.
+    Raises ToolchainError (see :func:`ensure_cross_toolchain`) when no cross linker is installed.
     """
-    # Imported here so that finding/installing a toolchain does not pay TVM's ~2 s import.
-    from tvm.support import cc
+    linker = ensure_cross_toolchain(install=install, triple=triple)
 
-    compiler = ensure_cross_toolchain(install=install, triple=triple)
-    return cc.cross_compiler(compiler)
+    def fcompile(output: str, objects: Sequence[str], options: Sequence[str] | None = None) -> None:
+        linker.link_shared(output, objects, options)
+
+    # What export_library reads off an fcompile (tvm.support.cc.cross_compiler sets the same two).
+    fcompile.output_format = "so"  # type: ignore[attr-defined]
+    fcompile.get_target_triple = lambda: triple  # type: ignore[attr-defined]
+    return fcompile
 
 
 def fcompile_for_target(target: Any, install: bool = False) -> Callable[..., Any] | None:
