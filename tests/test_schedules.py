@@ -29,6 +29,9 @@ from graphopt.targets.cpu.schedules import (  # noqa: E402
 from graphopt.targets.cpu.schedules.base import is_scheduled  # noqa: E402
 
 X86 = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
+AVX2 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell", "num-cores": 2})
+# 16 fp32 lanes and 32 registers, 8 lanes and 16 registers: each has register tiles of its own
+X86_TARGETS = [pytest.param(X86, id="avx512"), pytest.param(AVX2, id="avx2")]
 ARM = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": 4})
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -71,9 +74,9 @@ def _schedule_one(mod, expected_rule, target=X86):
     return results[name][1]
 
 
-def _run_func(func, arrays):
+def _run_func(func, arrays, target=X86):
     fm = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-    lib = tvm.compile(fm, target=X86)
+    lib = tvm.compile(fm, target=target)
     out_param = func.params[-1]
     out = tvm.runtime.tensor(np.zeros([int(d) for d in out_param.shape], "float32"))
     lib["main"](*[tvm.runtime.tensor(a) for a in arrays], out)
@@ -106,13 +109,14 @@ rng = np.random.default_rng(0)
 
 def test_simd_width_from_target():
     assert simd_lanes(X86) == 16
-    assert simd_lanes(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})) == 8
+    assert simd_lanes(AVX2) == 8
     assert simd_lanes(ARM) == 4
     assert [type(r).__name__ for r in RULES][-1] == "Fallback"
 
 
+@pytest.mark.parametrize("target", X86_TARGETS)
 @pytest.mark.parametrize("stride", [1, 2])
-def test_conv2d_rule_fused_epilogue(stride):
+def test_conv2d_rule_fused_epilogue(stride, target):
     x = rng.standard_normal((1, 16, 12, 12), dtype=np.float32)
     w = rng.standard_normal((32, 16, 3, 3), dtype=np.float32)
     b = rng.standard_normal((1, 32, 1, 1), dtype=np.float32)
@@ -121,14 +125,14 @@ def test_conv2d_rule_fused_epilogue(stride):
         y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), strides=stride, padding=1))
         return bb.emit(relax.op.nn.relu(relax.op.add(y, bv)))
 
-    mod = _fuse(_build_relax([("x", x.shape), ("b", b.shape)], body))
-    func = _schedule_one(mod, "Conv2dNCHW")
+    mod = _fuse(_build_relax([("x", x.shape), ("b", b.shape)], body), target)
+    func = _schedule_one(mod, "Conv2dNCHW", target)
     text = _script(func)
     assert "T.parallel" in text and "T.vectorized" in text
     assert "conv2d_nchw_intermediate_local" in text  # register accumulator
     # HWIO weight is a constant of the module, the PrimFunc gets it as a param.
     w_hwio = np.ascontiguousarray(w.transpose(2, 3, 1, 0))
-    got = _run_func(func, [x, w_hwio, b])
+    got = _run_func(func, [x, w_hwio, b], target)
     ref = np.maximum(_conv_ref(x, w, stride, 1) + b, 0)
     np.testing.assert_allclose(got, ref, rtol=RTOL, atol=1e-4)
 
@@ -167,18 +171,20 @@ def test_deep_pointwise_conv_streams_its_weights_in_chunks():
     np.testing.assert_allclose(got, np.maximum(_conv_ref(x, w, 1, 0), 0), rtol=RTOL, atol=1e-4)
 
 
-def test_conv2d_rule_runtime_weight_oihw():
+@pytest.mark.parametrize("target", X86_TARGETS)
+def test_conv2d_rule_runtime_weight_oihw(target):
     """A non-constant weight keeps OIHW; the rule must still be correct."""
     x = rng.standard_normal((1, 8, 10, 10), dtype=np.float32)
     w = rng.standard_normal((16, 8, 3, 3), dtype=np.float32)
     mod = _fuse(_build_relax([("x", x.shape), ("w", w.shape)],
-                             lambda bb, xv, wv: relax.op.nn.conv2d(xv, wv, padding=1)))
-    func = _schedule_one(mod, "Conv2dNCHW")
-    got = _run_func(func, [x, w])
+                             lambda bb, xv, wv: relax.op.nn.conv2d(xv, wv, padding=1)), target)
+    func = _schedule_one(mod, "Conv2dNCHW", target)
+    got = _run_func(func, [x, w], target)
     np.testing.assert_allclose(got, _conv_ref(x, w, 1, 1), rtol=RTOL, atol=1e-4)
 
 
-def test_depthwise_rule_with_clip():
+@pytest.mark.parametrize("target", X86_TARGETS)
+def test_depthwise_rule_with_clip(target):
     x = rng.standard_normal((1, 24, 14, 14), dtype=np.float32)
     w = rng.standard_normal((24, 1, 3, 3), dtype=np.float32)
 
@@ -186,13 +192,13 @@ def test_depthwise_rule_with_clip():
         y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), strides=2, padding=1, groups=24))
         return bb.emit(relax.op.clip(y, 0.0, 6.0))
 
-    mod = _fuse(_build_relax([("x", x.shape)], body))
-    got = _run_module(mod, [x])
+    mod = _fuse(_build_relax([("x", x.shape)], body), target)
+    got = _run_module(mod, [x], target)
     ref = np.clip(_conv_ref(x, w, 2, 1, groups=24), 0, 6)
     np.testing.assert_allclose(got, ref, rtol=RTOL, atol=1e-4)
     funcs = _prim_funcs(mod)
     conv = next(f for n, f in funcs.items() if "conv2d" in n)
-    rule, sched = schedule_primfunc(conv, X86)
+    rule, sched = schedule_primfunc(conv, target)
     assert rule == "DepthwiseConv2dNCHW"
     assert "T.parallel" in _script(sched) and "T.vectorized" in _script(sched)
 
@@ -252,8 +258,9 @@ def test_pointwise_conv_write_back_has_no_tail():
     np.testing.assert_allclose(got, ref, rtol=RTOL, atol=1e-4)
 
 
+@pytest.mark.parametrize("target", X86_TARGETS)
 @pytest.mark.parametrize("m", [1, 24])
-def test_matmul_rule_bias_relu(m):
+def test_matmul_rule_bias_relu(m, target):
     a = rng.standard_normal((m, 64), dtype=np.float32)
     w = rng.standard_normal((64, 48), dtype=np.float32)
     bias = rng.standard_normal((48,), dtype=np.float32)
@@ -262,10 +269,10 @@ def test_matmul_rule_bias_relu(m):
         y = bb.emit(relax.op.matmul(av, relax.const(w)))
         return bb.emit(relax.op.nn.relu(relax.op.add(y, relax.const(bias))))
 
-    mod = _fuse(_build_relax([("a", a.shape)], body))
-    func = _schedule_one(mod, "Matmul")
+    mod = _fuse(_build_relax([("a", a.shape)], body), target)
+    func = _schedule_one(mod, "Matmul", target)
     assert "T.vectorized" in _script(func)
-    got = _run_module(_build_relax([("a", a.shape)], body), [a])
+    got = _run_module(_build_relax([("a", a.shape)], body), [a], target)
     np.testing.assert_allclose(got, np.maximum(a @ w + bias, 0), rtol=RTOL, atol=ATOL * 10)
 
 
@@ -337,8 +344,9 @@ def test_batch_matmul_rule_parallel():
     np.testing.assert_allclose(_run_func(func, [a, b]), a @ b, rtol=RTOL, atol=1e-4)
 
 
+@pytest.mark.parametrize("target", X86_TARGETS)
 @pytest.mark.parametrize("kind", ["max", "avg", "adaptive"])
-def test_pooling_rule(kind):
+def test_pooling_rule(kind, target):
     torch = pytest.importorskip("torch")
     x = rng.standard_normal((1, 32, 16, 16), dtype=np.float32)
     if kind == "max":
@@ -350,10 +358,10 @@ def test_pooling_rule(kind):
     else:
         op = lambda xv: relax.op.nn.adaptive_avg_pool2d(xv, output_size=1)  # noqa: E731
         ref = x.mean(axis=(2, 3), keepdims=True)
-    mod = _fuse(_build_relax([("x", x.shape)], lambda bb, xv: op(xv)))
-    func = _schedule_one(mod, "Pooling")
+    mod = _fuse(_build_relax([("x", x.shape)], lambda bb, xv: op(xv)), target)
+    func = _schedule_one(mod, "Pooling", target)
     assert "T.vectorized" in _script(func) or "T.parallel" in _script(func)
-    np.testing.assert_allclose(_run_func(func, [x]), ref, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(_run_func(func, [x], target), ref, rtol=RTOL, atol=ATOL)
 
 
 def test_depthwise_pads_each_plane_in_its_task():
@@ -390,8 +398,9 @@ def test_windowed_pool_pads_each_plane_in_its_task():
     np.testing.assert_allclose(_run_func(func, [x]), ref, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("target", X86_TARGETS)
 @pytest.mark.parametrize("op", ["softmax", "layer_norm"])
-def test_row_reduction_rule(op):
+def test_row_reduction_rule(op, target):
     x = rng.standard_normal((64, 256), dtype=np.float32)
     g = rng.standard_normal((256,), dtype=np.float32)
     be = rng.standard_normal((256,), dtype=np.float32)
@@ -403,23 +412,24 @@ def test_row_reduction_rule(op):
         body = lambda bb, xv: relax.op.nn.layer_norm(xv, relax.const(g), relax.const(be), axes=[-1])  # noqa: E731
         mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
         ref = (x - mu) / np.sqrt(var + 1e-5) * g + be
-    mod = _fuse(_build_relax([("x", x.shape)], body))
+    mod = _fuse(_build_relax([("x", x.shape)], body), target)
     funcs = _prim_funcs(mod)
-    rule, sched = schedule_primfunc(next(iter(funcs.values())), X86)
+    rule, sched = schedule_primfunc(next(iter(funcs.values())), target)
     assert rule == "RowReduction"
     assert "T.parallel" in _script(sched)
-    got = _run_module(_build_relax([("x", x.shape)], body), [x])
+    got = _run_module(_build_relax([("x", x.shape)], body), [x], target)
     np.testing.assert_allclose(got, ref, rtol=RTOL, atol=1e-4)
 
 
-def test_injective_rule():
+@pytest.mark.parametrize("target", X86_TARGETS)
+def test_injective_rule(target):
     x = rng.standard_normal((8, 64, 32), dtype=np.float32)
     body = lambda bb, xv: relax.op.nn.relu(relax.op.permute_dims(xv, [0, 2, 1]))  # noqa: E731
-    mod = _fuse(_build_relax([("x", x.shape)], body))
-    func = _schedule_one(mod, "Injective")
+    mod = _fuse(_build_relax([("x", x.shape)], body), target)
+    func = _schedule_one(mod, "Injective", target)
     text = _script(func)
     assert "T.parallel" in text and "T.vectorized" in text
-    np.testing.assert_allclose(_run_func(func, [x]), np.maximum(x.transpose(0, 2, 1), 0), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(_run_func(func, [x], target), np.maximum(x.transpose(0, 2, 1), 0), rtol=RTOL, atol=ATOL)
 
 
 def test_schedule_pass_skips_scheduled_and_covers_all():

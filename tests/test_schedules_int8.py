@@ -206,11 +206,14 @@ def small_resnet_int8():
     return q, test
 
 
-@needs_vnni
-def test_int8_model_on_x86_uses_vpdpbusd_and_matches_fake_quant(small_resnet_int8):
+@pytest.mark.parametrize("target, vnni", [pytest.param("x86", True, marks=needs_vnni, id="avx512-vnni"),
+                                          pytest.param("x86-avx2", False, id="avx2")])
+def test_int8_model_on_x86_matches_fake_quant(small_resnet_int8, target, vnni):
+    """With VNNI the int8 kernels are vpdpbusd; on AVX2 (8 lanes, 16 registers) the float-style
+    rules schedule the plain int8 x int8 -> int32 kernels, with the same integer result."""
     q, test = small_resnet_int8
-    cm = graphopt.compile(q, "x86", pipeline="none")
-    assert "vpdpbusd" in _asm(cm.executable)
+    cm = graphopt.compile(q, target, pipeline="none")
+    assert ("vpdpbusd" in _asm(cm.executable)) == vnni
     out, ref = cm(test), q(test)[0]
     # integer kernels vs the eager fake-quant reference: requantization rounding only
     step = float(ref.abs().max()) / 127
