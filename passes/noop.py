@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from graphopt.capture import RUNTIME_ASSERTIONS
 from graphopt.graph import Graph
+from graphopt.rewrite import ERASE, Rewrite, counter_stats, rewrite_fx
 from graphopt.passes_base import GraphPass, PassResult, register_pass
 from graphopt.passes.utils import aten, is_op
 
@@ -44,33 +45,79 @@ def _keeps_layout(node: fx.Node, src: fx.Node) -> bool:
         return False
 
 
-def forwarded_input(node: fx.Node) -> fx.Node | None:
-    """The input ``node`` passes through unchanged, or None if it does real work."""
+def _unary(node: fx.Node) -> fx.Node | None:
+    """The tensor input of a call whose first argument is a node."""
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
         return None
-    src = node.args[0]
-    if is_op(node, *_COPIES, aten.dropout) and _same_type(node, src):
-        if is_op(node, aten.dropout) and (len(node.args) > 2 and node.args[2]):
-            return None  # dropout in training mode is random, not a no-op
-        if not _keeps_layout(node, src):
-            return None  # a copy into another memory format: views after it rely on the new strides
+    return node.args[0]
+
+
+def _copy(node: fx.Node) -> fx.Node | None:
+    src = _unary(node)
+    if src is None or not is_op(node, *_COPIES, aten.dropout) or not _same_type(node, src):
+        return None
+    if is_op(node, aten.dropout) and len(node.args) > 2 and node.args[2]:
+        return None  # dropout in training mode is random, not a no-op
+    if not _keeps_layout(node, src):
+        return None  # a copy into another memory format: views after it rely on the new strides
+    return src
+
+
+def _same_shape(*ops):
+    def match(node: fx.Node) -> fx.Node | None:
+        src = _unary(node)
+        return src if src is not None and is_op(node, *ops) and _same_type(node, src) else None
+    return match
+
+
+def _identity_permute(node: fx.Node) -> fx.Node | None:
+    src = _unary(node)
+    if src is not None and is_op(node, aten.permute) and list(node.args[1]) == list(range(len(node.args[1]))):
         return src
-    if is_op(node, *_RESHAPES) and _same_type(node, src):
-        return src
-    if is_op(node, aten.permute) and list(node.args[1]) == list(range(len(node.args[1]))):
-        return src
-    if is_op(node, aten._to_copy, aten.to) and _same_type(node, src) and not node.kwargs.get("memory_format"):
-        return src
-    if is_op(node, aten.slice) and _same_type(node, src):
-        return src
-    if _same_type(node, src) and len(node.args) >= 2 and not isinstance(node.args[1], fx.Node):
-        neutral = node.args[1]
-        alpha = node.kwargs.get("alpha", 1)
-        if is_op(node, aten.mul, aten.div) and neutral == 1:
-            return src
-        if is_op(node, aten.add, aten.sub) and neutral == 0 and alpha == 1:
-            return src
     return None
+
+
+def _same_dtype_cast(node: fx.Node) -> fx.Node | None:
+    src = _unary(node)
+    if src is not None and is_op(node, aten._to_copy, aten.to) and _same_type(node, src) \
+            and not node.kwargs.get("memory_format"):
+        return src
+    return None
+
+
+def _neutral(ops, element):
+    """``op(x, element)`` with a neutral scalar (and alpha 1 for add/sub)."""
+    def match(node: fx.Node) -> fx.Node | None:
+        src = _unary(node)
+        if src is None or not is_op(node, *ops) or not _same_type(node, src) or len(node.args) < 2:
+            return None
+        other = node.args[1]
+        if isinstance(other, fx.Node) or other != element or node.kwargs.get("alpha", 1) != 1:
+            return None
+        return src
+    return match
+
+
+def _unused_runtime_assertion(node: fx.Node) -> bool | None:
+    # export's re-checks of dtypes/shapes that the graph's meta already fixes
+    return True if node.op == "call_function" and node.target in RUNTIME_ASSERTIONS and not node.users else None
+
+
+def _forward(node: fx.Node, src: fx.Node) -> fx.Node:
+    return src
+
+
+# pattern -> replacement: every rule replaces an op by the input it passes through unchanged.
+NOOP_REWRITES = (
+    Rewrite("runtime-assertion", _unused_runtime_assertion, lambda node, _: ERASE),
+    Rewrite("copy", _copy, _forward, "clone/alias/detach/contiguous/eval dropout of the same type"),
+    Rewrite("same-shape-view", _same_shape(*_RESHAPES), _forward, "view/reshape/expand/... to the same shape"),
+    Rewrite("identity-permute", _identity_permute, _forward),
+    Rewrite("same-dtype-cast", _same_dtype_cast, _forward),
+    Rewrite("full-slice", _same_shape(aten.slice), _forward),
+    Rewrite("times-one", _neutral((aten.mul, aten.div), 1), _forward, "x * 1, x / 1"),
+    Rewrite("plus-zero", _neutral((aten.add, aten.sub), 0), _forward, "x + 0, x - 0"),
+)
 
 
 @register_pass
@@ -82,20 +129,14 @@ class RemoveNoOps(GraphPass):
     tolerance: ClassVar[str] = "exact"
 
     def run(self, graph: Graph) -> PassResult:
-        removed = 0
         outputs = set(graph.output_values())
-        for node in list(graph.nodes):
-            if node.op == "call_function" and node.target in RUNTIME_ASSERTIONS and not node.users:
-                # export's re-checks of dtypes/shapes that the graph's meta already fixes
-                graph.fx_graph.erase_node(node)
-                removed += 1
-                continue
-            src = forwarded_input(node)
-            if src is None:
-                continue
-            if node in outputs and src.op == "placeholder" and src in outputs:
-                continue  # keep distinct outputs distinct
-            node.replace_all_uses_with(src)
-            graph.fx_graph.erase_node(node)
-            removed += 1
-        return PassResult(removed > 0, {"removed": removed})
+
+        def distinct_outputs(node: fx.Node) -> bool:
+            # a graph output that forwards an input that is itself an output stays: two distinct outputs
+            src = _unary(node)
+            return not (node in outputs and src is not None and src.op == "placeholder" and src in outputs)
+
+        candidates = [n for n in graph.nodes if distinct_outputs(n)]
+        counts = rewrite_fx(graph.fx_graph, NOOP_REWRITES, candidates)
+        removed = sum(counts.values())
+        return PassResult(removed > 0, {"removed": removed, **counter_stats(counts)})

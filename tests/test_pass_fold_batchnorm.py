@@ -65,3 +65,17 @@ def test_does_not_fold_bn_after_non_linear_op():
     x = torch.randn(1, 2, 3, 3)
     out = graphopt.optimize(m, x, pipeline="fold-bn")
     assert "_native_batch_norm_legit_no_training" in ops(out)
+
+
+def test_each_fold_is_counted_under_its_rule():
+    from graphopt.passes.fold_batchnorm import FoldBatchNorm
+
+    m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(36, 3), nn.BatchNorm1d(3),
+                      nn.Unflatten(1, (3, 1, 1)), nn.ConvTranspose2d(3, 2, 2), nn.BatchNorm2d(2)).eval()
+    x = torch.randn(1, 2, 5, 5)
+    result = FoldBatchNorm().run(graphopt.capture(m, x))
+    assert result.stats == {"folded": 3, "pattern.conv-bn": 1, "pattern.linear-bn": 1,
+                            "pattern.conv-transpose-bn": 1}
+    out = graphopt.optimize(m, x, pipeline="fold-bn")
+    assert "_native_batch_norm_legit_no_training" not in ops(out)
+    assert_close(out(x), m(x))

@@ -57,3 +57,12 @@ def test_graph_output_that_is_a_noop_of_the_input():
     out = graphopt.optimize(graphopt.capture(Alias(), x), pipeline="noop")
     assert ops(out) == []
     assert torch.equal(out(x)[0], x)
+
+
+def test_each_removal_is_counted_under_its_rule():
+    g = graphopt.capture(Plumbing().eval(), torch.randn(2, 6))
+    result = RemoveNoOps().run(g)
+    stats = {k: v for k, v in result.stats.items() if k.startswith("pattern.")}
+    assert stats["pattern.times-one"] == 1 and stats["pattern.plus-zero"] == 1
+    assert stats["pattern.identity-permute"] == 1 and stats["pattern.copy"] >= 1
+    assert result.stats["removed"] == sum(stats.values())
