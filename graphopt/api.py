@@ -70,6 +70,7 @@ def compile(model: "torch.nn.Module | Graph", target: Any = "x86", example_input
     """
     from graphopt import __version__
     from graphopt.artifact import CompiledModule, configure_tvm_threads
+    from graphopt.cpu_features import required_cpu_features
     from graphopt.targets.registry import resolve_target
 
     configure_tvm_threads()  # before tuning starts measurement workers, which inherit it
@@ -110,6 +111,8 @@ def compile(model: "torch.nn.Module | Graph", target: Any = "x86", example_input
         "tvm_version": tvm.__version__,
         "torch_version": torch.__version__.split("+")[0],
         "target": spec.to_json(),
+        # the instruction-set extensions the code may use: load refuses a machine without them
+        "cpu_features": required_cpu_features(spec.to_json()),
         "pipeline": str(pipe),
         "fusion": fusion,
         "entry": "main",

@@ -5,18 +5,18 @@ An artifact is a folder::
     out/model.so        the TVM Relax VM executable, a shared library (cross-compiled for ARM)
     out/manifest.json   what it is: versions, target, pipeline, input/output specs, SHA-256
 
-``CompiledModule.save`` writes both into a temporary sibling folder and renames it into
-place, so a failure never leaves a half-written artifact. ``graphopt.load`` needs neither
-the original model nor its Python code; it checks the manifest, the library's hash, the
-target against this machine and the TVM version before loading, and every call checks
-input shapes and dtypes against the manifest. The manifest holds no timestamps: compiling
+``CompiledModule.save`` writes both into a temporary sibling folder, fsync'd, and swaps it
+into place; it never replaces a folder that is not a graphopt artifact, and a save killed
+midway leaves the old artifact or the new one (graphopt/artifact_folder.py). ``graphopt.load``
+needs neither the original model nor its Python code; it checks the manifest, the library's
+hash, the target against this machine (architecture and CPU features) and the TVM version
+before loading, and every call checks input shapes and dtypes against the manifest. The manifest holds no timestamps: compiling
 the same model with the same pipeline twice gives byte-identical manifests.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import platform
@@ -27,15 +27,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from graphopt.artifact_folder import (FORMAT, FORMAT_VERSION, LIBRARY, MANIFEST, checked_library,  # noqa: F401
+                                      read_manifest, sha256_file, write_folder_atomically)
+from graphopt.cpu_features import check_cpu_features
 from graphopt.errors import ArtifactError, InputError
 from graphopt.graph import TensorSpec, check_shape
 
-FORMAT = "graphopt-artifact"
-FORMAT_VERSION = 1
-LIBRARY = "model.so"
 # TVM kernels assume 64-byte aligned buffers (its default data_alignment) and check it on entry
 _ALIGN = 64
-MANIFEST = "manifest.json"
 
 
 def configure_tvm_threads() -> None:
@@ -76,12 +75,35 @@ def _aligned_copy(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _torch_to_numpy(t: Any) -> np.ndarray:
+    """A CPU tensor as a numpy array sharing its memory; bf16 (which torch will not hand to
+    numpy) as ml_dtypes' bfloat16, the type TVM's runtime reads it as."""
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _numpy_to_torch(a: np.ndarray) -> Any:
+    """The inverse of _torch_to_numpy."""
+    import torch
+
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _numpy_vm_arg(a: np.ndarray) -> Any:
+    """A numpy input as the VM reads it: in place when aligned; bf16 copied into a TVM tensor,
+    since numpy's DLPack export has no bf16."""
+    if a.dtype.name == "bfloat16":
+        from tvm.runtime import tensor
+
+        return tensor(a)
+    return a if a.ctypes.data % _ALIGN == 0 else _aligned_copy(a)
 
 
 class CompiledModule:
@@ -110,7 +132,7 @@ class CompiledModule:
 
     @property
     def pipeline(self) -> str:
-        return self.manifest["pipeline"]
+        return self.manifest.get("pipeline", "")
 
     @functools.cached_property
     def _device(self):
@@ -126,6 +148,8 @@ class CompiledModule:
             if self.manifest["target"].get("cross_triple") and self.manifest["target"]["tvm"]["kind"] == "llvm":
                 raise ArtifactError(f"this module was built for {self.manifest['target']['name']} "
                                     f"({self.manifest['target']['cross_triple']}); run it on that device")
+            # before the first kernel: code for CPU features this machine lacks dies with SIGILL
+            check_cpu_features(self.manifest, f"module {self.manifest.get('name', '')!r}")
             vm = relax.VirtualMachine(self.executable, self._device)
             self._local.vm = vm
         return vm
@@ -163,7 +187,7 @@ class CompiledModule:
             if as_torch:
                 import torch
 
-                outs = [torch.from_numpy(o) for o in outs]
+                outs = [_numpy_to_torch(o) for o in outs]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _run(self, args: list[Any]) -> list[Any]:
@@ -205,12 +229,12 @@ class CompiledModule:
         if as_torch:
             import torch
 
-            args = [torch.from_numpy(a) for a in arrays]  # views of the (contiguous, CPU) inputs
+            args = [_numpy_to_torch(a) for a in arrays]  # views of the (contiguous, CPU) inputs
             if all(_vm_ready(a) for a in args):
                 self._local.fast = (torch.Tensor, [(a.shape, a.dtype) for a in args])
-            args = [a if _vm_ready(a) else torch.from_numpy(_aligned_copy(a.numpy())) for a in args]
+            args = [t if _vm_ready(t) else _numpy_to_torch(_aligned_copy(a)) for t, a in zip(args, arrays)]
             return args, True
-        return [a if a.ctypes.data % _ALIGN == 0 else _aligned_copy(a) for a in arrays], False
+        return [_numpy_vm_arg(a) for a in arrays], False
 
     def _check_inputs(self, inputs: Sequence[Any]) -> tuple[list[np.ndarray], bool]:
         if len(inputs) != len(self.inputs):
@@ -221,7 +245,9 @@ class CompiledModule:
         for spec, x in zip(self.inputs, inputs):
             if hasattr(x, "detach") and hasattr(x, "numpy"):  # a torch tensor
                 as_torch = True
-                x = x.detach().cpu().contiguous().numpy()
+                # the dtype first: torch hands neither bf16 nor every other dtype to numpy
+                check_shape(spec, tuple(x.shape), str(x.dtype).removeprefix("torch."))
+                x = _torch_to_numpy(x.detach().cpu().contiguous())
             if not isinstance(x, np.ndarray):
                 raise InputError(f"input {spec.name!r}: expected a torch.Tensor or numpy array, "
                                  f"got {type(x).__name__}")
@@ -236,33 +262,31 @@ class CompiledModule:
 
     # ------------------------------------------------------------------ saving
     def save(self, path: str, fcompile: Any = None) -> str:
-        """Write the artifact folder atomically; returns its path."""
-        path = os.path.abspath(path)
-        parent = os.path.dirname(path) or "."
-        try:
-            os.makedirs(parent, exist_ok=True)
-            tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
-        except OSError as e:
-            raise ArtifactError(f"cannot write artifact to {path}: {e.strerror or e}") from e
-        try:
-            lib = os.path.join(tmp, LIBRARY)
-            if fcompile is None and self.manifest["target"].get("cross_triple"):
-                from graphopt.targets.aarch64.toolchain import cross_compiler_fcompile
+        """Write the artifact folder ``path``; returns its absolute path.
 
-                fcompile = cross_compiler_fcompile(self.manifest["target"]["cross_triple"])
+        ``path`` may be new, an empty folder or an artifact (replaced); anything else is an
+        ArtifactError and left as it is. A save killed midway leaves the old artifact or the
+        new one in place (graphopt/artifact_folder.py says exactly what reaches the disk)."""
+        path = os.path.abspath(path)
+        if fcompile is None and self.manifest["target"].get("cross_triple"):
+            from graphopt.targets.aarch64.toolchain import cross_compiler_fcompile
+
+            fcompile = cross_compiler_fcompile(self.manifest["target"]["cross_triple"])
+        written: dict[str, Any] = {}
+
+        def write(folder: str) -> None:
+            lib = os.path.join(folder, LIBRARY)
             if fcompile is not None:
                 self.executable.export_library(lib, fcompile=fcompile)
             else:
                 self.executable.export_library(lib)
-            manifest = dict(self.manifest, library=LIBRARY, sha256=sha256_file(lib))
-            with open(os.path.join(tmp, MANIFEST), "w") as f:
-                json.dump(manifest, f, indent=2, sort_keys=True)
+            written.update(self.manifest, library=LIBRARY, sha256=sha256_file(lib))
+            with open(os.path.join(folder, MANIFEST), "w") as f:
+                json.dump(written, f, indent=2, sort_keys=True)
                 f.write("\n")
-            _replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        self.manifest = manifest
+
+        write_folder_atomically(path, write)
+        self.manifest = written
         self.path = path
         return path
 
@@ -271,54 +295,13 @@ class CompiledModule:
         return f"<CompiledModule {self.manifest.get('name', '')} target={self.target_name} ({ins})>"
 
 
-def _replace_dir(src: str, dst: str) -> None:
-    """Move folder ``src`` to ``dst``, replacing an existing artifact with one rename each way."""
-    if os.path.exists(dst):
-        if os.path.isdir(dst) and not os.path.exists(os.path.join(dst, MANIFEST)) and os.listdir(dst):
-            raise ArtifactError(f"{dst} exists and is not a graphopt artifact; refusing to replace it")
-        old = dst + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
-
-
-def read_manifest(path: str) -> dict[str, Any]:
-    mpath = os.path.join(path, MANIFEST)
-    if not os.path.isdir(path):
-        raise ArtifactError(f"artifact {path}: no such folder")
-    try:
-        with open(mpath) as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise ArtifactError(f"artifact {path}: {MANIFEST} is missing (not a graphopt artifact?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"artifact {path}: {MANIFEST} is corrupt ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"artifact {path}: {MANIFEST} is not a graphopt manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"artifact {path}: format version {manifest.get('format_version')} is not supported "
-                            f"by this graphopt (reads version {FORMAT_VERSION}); rebuild it")
-    for key in ("library", "sha256", "inputs", "outputs", "target", "tvm_version"):
-        if key not in manifest:
-            raise ArtifactError(f"artifact {path}: manifest has no {key!r}")
-    return manifest
-
-
 def load(path: str) -> CompiledModule:
     """Load an artifact folder written by ``CompiledModule.save`` (no model code needed)."""
     import tvm
 
     path = os.path.abspath(path)
     manifest = read_manifest(path)
-    lib = os.path.join(path, manifest["library"])
-    if not os.path.isfile(lib):
-        raise ArtifactError(f"artifact {path}: library {manifest['library']} is missing")
-    if sha256_file(lib) != manifest["sha256"]:
-        raise ArtifactError(f"artifact {path}: SHA-256 of {manifest['library']} does not match the manifest "
-                            "(the file was changed or truncated)")
+    lib = checked_library(path, manifest)
     built, here = manifest["tvm_version"], tvm.__version__
     if built.split(".")[:2] != here.split(".")[:2]:
         raise ArtifactError(f"artifact {path} was built with TVM {built}; this runtime is TVM {here}")
@@ -331,9 +314,27 @@ def load(path: str) -> CompiledModule:
                             f"{machine}: copy it to the device (or run it under emulation)")
     if kind == "cuda" and not tvm.cuda(0).exist:
         raise ArtifactError(f"artifact {path} was built for {target['name']} (CUDA) and this machine has no GPU")
+    check_cpu_features(manifest, f"artifact {path}")
     try:
-        module = tvm.runtime.load_module(lib)
+        module = _load_library_copy(lib)
+    except ArtifactError:
+        raise
     except Exception as e:  # TVM reports dlopen failures as its own error type
         raise ArtifactError(f"artifact {path}: cannot load {manifest['library']}: "
                             f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}") from e
     return CompiledModule(module, manifest, path=path)
+
+
+def _load_library_copy(lib: str) -> Any:
+    """Load the library ``lib`` from a private copy.
+
+    dlopen knows libraries by path: loading a path again in the same process returns the
+    library loaded first, even after the file was replaced (an artifact saved again over the
+    same folder), and the module would silently compute the old model. A fresh copy has a
+    fresh path; it is deleted once loaded (the mapping outlives the file)."""
+    import tvm
+
+    with tempfile.TemporaryDirectory(prefix="graphopt-load-") as tmp:
+        copy = os.path.join(tmp, os.path.basename(lib))
+        shutil.copyfile(lib, copy)
+        return tvm.runtime.load_module(copy)

@@ -68,14 +68,15 @@ class TargetSpec:
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
-    """(vendor, feature flags) of this machine's first CPU, from /proc/cpuinfo."""
+    """(vendor, feature flags) of this machine's first CPU, from /proc/cpuinfo (``flags`` on
+    x86, ``Features`` on aarch64)."""
     vendor, flags = "", set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("vendor_id") and not vendor:
                     vendor = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
+                elif line.startswith(("flags", "Features")):
                     flags = set(line.split(":", 1)[1].split())
                     break
     except OSError:

@@ -118,6 +118,14 @@ def _not_an_artifact(c: Ctx) -> str:
     return folder
 
 
+def _stray_manifest(c: Ctx) -> str:
+    folder = os.path.join(c.tmp, "stray")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+        json.dump({"format": "graphopt-artifact", "library": "model.so"}, f)
+    return folder
+
+
 def _save_arm_without_toolchain(c: Ctx, monkeypatch) -> None:
     arm = graphopt.compile(Small().eval(), "arm64", (X,))
     monkeypatch.setenv("PATH", os.path.join(c.tmp, "empty-bin"))
@@ -193,6 +201,10 @@ CATALOGUE: list[tuple[str, Callable[[Ctx, Any], Any], type, type, str]] = [
      InputError, ValueError, r"input 'x': expected rank 2 \(shape \(2, 4\)\), got rank 3"),
     ("call_wrong_count", lambda c, m: c.module(X, X),
      InputError, ValueError, r"expected 1 input\(s\) \(x\), got 2"),
+    ("call_with_bf16", lambda c, m: c.module(X.to(torch.bfloat16)),
+     InputError, ValueError, r"input 'x': expected dtype float32, got bfloat16"),
+    ("call_with_complex", lambda c, m: c.module(X.to(torch.complex64)),
+     InputError, ValueError, r"input 'x': expected dtype float32, got complex64"),
     ("call_with_a_list", lambda c, m: c.module([[1.0, 2.0, 3.0, 4.0]]),
      InputError, ValueError, r"input 'x': expected a torch\.Tensor or numpy array, got list"),
     ("call_graph_wrong_shape", lambda c, m: graphopt.capture(Small(), (X,))(torch.randn(3, 4)),
@@ -218,7 +230,18 @@ CATALOGUE: list[tuple[str, Callable[[Ctx, Any], Any], type, type, str]] = [
     ("unwritable_output_folder", lambda c, m: c.module.save(_file_as_parent(c)),
      ArtifactError, OSError, r"cannot write artifact to .*a_file/out"),
     ("output_folder_is_not_an_artifact", lambda c, m: c.module.save(_not_an_artifact(c)),
-     ArtifactError, OSError, r"precious exists and is not a graphopt artifact; refusing to replace it"),
+     ArtifactError, OSError, r"precious exists and is not a graphopt artifact \(it has no manifest\.json\); "
+     r"refusing to replace it: save to a new or an empty folder"),
+    ("output_folder_holds_a_stray_manifest", lambda c, m: c.module.save(_stray_manifest(c)),
+     ArtifactError, OSError, r"stray exists and is not a graphopt artifact \(the library its manifest\.json names "
+     r"\('model\.so'\) is not a file in it\)"),
+    ("artifact_manifest_without_a_key",
+     lambda c, m: graphopt.load(c.edit_manifest(c.copy_artifact(), outputs=[{"name": "y", "dtype": "float32"}])),
+     ArtifactError, OSError, r"manifest\.json outputs\[0\] has no 'shape' list of sizes and dim names"),
+    ("artifact_library_outside_the_folder",
+     lambda c, m: graphopt.load(c.edit_manifest(c.copy_artifact(), library="../small/model.so")),
+     ArtifactError, OSError, r"names library '\.\./small/model\.so': it must be a plain file name inside the "
+     r"artifact folder"),
     ("missing_cross_toolchain", _save_arm_without_toolchain,
      ToolchainError, RuntimeError, r"`aarch64-linux-gnu-g\+\+` is not on PATH.*apt-get install"),
 ]
@@ -254,6 +277,8 @@ def test_bad_input_raises_its_typed_error(ctx, monkeypatch, name, action, error,
         assert set(os.listdir(ctx.tmp)) - before <= {"a_file", "empty-bin"}
     if name == "output_folder_is_not_an_artifact":
         assert os.listdir(os.path.join(ctx.tmp, "precious")) == ["notes.txt"]
+    if name == "output_folder_holds_a_stray_manifest":
+        assert os.listdir(os.path.join(ctx.tmp, "stray")) == ["manifest.json"]
 
 
 def test_nan_and_inf_inputs_propagate_like_eager(compiled):

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from graphopt.artifact_folder import checked_library
 from graphopt.errors import ArtifactError, EmulationError, InputError
 
 from .toolchain import EM_AARCH64, apt_install, apt_unavailable_reason, elf_machine, install_command, run_apt
@@ -546,9 +547,7 @@ def validate_artifact(
     """
     artifact = Path(artifact_dir)
     manifest = _read_manifest(artifact)
-    library = artifact / manifest.get("library", "model.so")
-    if not library.is_file():
-        raise ArtifactError(f"artifact {artifact}: library {library.name} is missing")
+    library = Path(checked_library(artifact, manifest))  # a plain file name in the folder, hash as recorded
     machine = elf_machine(library)
     if machine != EM_AARCH64:
         raise ArtifactError(
