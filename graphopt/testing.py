@@ -12,11 +12,11 @@ from typing import Any, Sequence
 
 import torch
 
-from graphopt.compare import (INT8_MIN_SQNR_DB, RUNGS, Comparison, compare, cosine, float64_run, leaves,
-                              max_abs, sqnr_db)
+from graphopt.compare import (INT8_MIN_SQNR_DB, INT8_WITHIN_ONE_STEP, RUNGS, Comparison, compare, cosine,
+                              float64_run, leaves, max_abs, sqnr_db)
 
-__all__ = ["INT8_MIN_SQNR_DB", "RUNGS", "Comparison", "assert_close", "assert_matches_eager", "compare",
-           "cosine", "float64_run", "leaves", "max_abs", "sqnr_db"]
+__all__ = ["INT8_MIN_SQNR_DB", "INT8_WITHIN_ONE_STEP", "RUNGS", "Comparison", "assert_close",
+           "assert_matches_eager", "compare", "cosine", "float64_run", "leaves", "max_abs", "sqnr_db"]
 
 
 def _as_graph_returns(actual: Any, expected: Any) -> Any:
@@ -29,10 +29,11 @@ def _as_graph_returns(actual: Any, expected: Any) -> Any:
 
 
 def assert_close(actual: Any, expected: Any, tolerance: str = "algebraic", truth: Any = None,
-                 what: str = "") -> None:
+                 what: str = "", **options: Any) -> None:
     """Assert ``actual`` is within the ``tolerance`` rung of ``expected`` (optionally with a
-    float64 ``truth``, or a function returning it, as the fallback judge)."""
-    result = compare(expected, _as_graph_returns(actual, expected), tolerance, truth)
+    float64 ``truth``, or a function returning it, as the fallback judge; ``options`` as
+    :func:`graphopt.compare.compare` takes them)."""
+    result = compare(expected, _as_graph_returns(actual, expected), tolerance, truth, **options)
     if not result.ok:
         raise AssertionError(f"{what}: {result.message}" if what else result.message)
 

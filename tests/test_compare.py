@@ -172,3 +172,16 @@ def test_lossy_rung_checks_only_structure_and_new_nan():
 def test_an_unknown_rung_is_a_programming_error():
     with pytest.raises(ValueError, match="unknown tolerance 'close'"):
         compare(X, X, "close")
+
+
+def test_int8_kernels_against_a_fake_quant_reference_stay_within_one_step():
+    ref = torch.linspace(-127.0, 127.0, 2001)  # one quantization step is 1.0
+    assert compare(ref, ref + 1.0, "int8", fake_quant=True).ok
+    assert not compare(ref, ref + 1.1, "int8", fake_quant=True).ok
+    moved = ref.clone()
+    moved[::1000] += 3.0  # 3 of 2001 elements three steps off: 99.85% within one step
+    bad = compare(ref, moved, "int8", fake_quant=True)
+    assert not bad.ok and "99.85% of elements within one quantization step" in bad.message
+    assert compare(ref, moved, "int8").ok  # the same noise is far above 20 dB SQNR
+    moved[1000] -= 3.0  # 2 of 2001 off: 99.9% within one step is allowed
+    assert compare(ref, moved, "int8", fake_quant=True).ok
