@@ -259,12 +259,14 @@ def test_small_cnn_runs_on_emulated_arm64(session, arm64_artifacts):
 
 @pytest.mark.slow
 @pytest.mark.emulated
+@pytest.mark.timeout(1800)  # ~5 min on a busy 2-core host: the arm64 build, then ~1.8 GFLOP emulated
 def test_resnet18_runs_on_emulated_arm64(session, arm64_artifacts):
     _assert_runs_like_eager(session, arm64_artifacts, "resnet18")
 
 
 @pytest.mark.slow
 @pytest.mark.emulated
+@pytest.mark.timeout(1800)
 def test_five_reference_models_on_emulated_arm64(session, arm64_artifacts):
     # mlp, cnn, resnet18, mobilenet_v2 and transformer with the default pipeline, all run by one emulated
     # process (artifacts built by the tests above are reused)

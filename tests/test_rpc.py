@@ -67,6 +67,7 @@ def test_no_tracker_is_a_tuning_error(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.emulated
+@pytest.mark.timeout(1800)  # an emulated server takes minutes to start and to measure on a busy host
 def test_tuning_measures_on_an_emulated_aarch64_server(cluster, aarch64_env, tmp_path):
     from graphopt.targets.aarch64.emulation import run_artifact_emulated
 
