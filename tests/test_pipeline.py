@@ -91,13 +91,37 @@ class _Crash(GraphPass):
         raise KeyError("boom")
 
 
+@dataclass(frozen=True)
+class _ScaleInt8(_Scale):
+    """_Scale on the int8 rung (test-only)."""
+
+    name: ClassVar[str] = "test-scale-int8"
+    tolerance: ClassVar[str] = "int8"
+
+
+@dataclass(frozen=True)
+class _Poison(GraphPass):
+    """Puts a NaN into every linear weight, on the lossy rung (test-only)."""
+
+    name: ClassVar[str] = "test-poison"
+    tolerance: ClassVar[str] = "lossy"
+
+    def run(self, graph: Graph) -> PassResult:
+        for n in graph.call_nodes():
+            if "linear" in str(n.target):
+                w = graph.constant(n.args[1]).clone()
+                w[0, 0] = float("nan")
+                graph.set_constant(n.args[1], w)
+        return PassResult(True)
+
+
 @pytest.fixture
 def test_passes():
-    register_pass(_Scale)
-    register_pass(_Crash)
+    for p in (_Scale, _Crash, _ScaleInt8, _Poison):
+        register_pass(p)
     yield
-    _REGISTRY.pop("test-scale")
-    _REGISTRY.pop("test-crash")
+    for p in (_Scale, _Crash, _ScaleInt8, _Poison):
+        _REGISTRY.pop(p.name)
 
 
 def test_list_and_float_options_round_trip(test_passes):
@@ -110,6 +134,26 @@ def test_verify_names_the_pass_that_breaks_numerics(test_passes):
     m = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(VerificationError, match=r"after pass 'test-scale\{factor=3.0\}'.*not bit-identical"):
         graphopt.optimize(m, torch.randn(1, 4), "fold,test-scale{factor=3.0}", verify=True)
+
+
+def test_verify_checks_the_int8_and_lossy_rungs(test_passes):
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    x = torch.randn(2, 4)
+    # int8: SQNR against the graph before the pass (a 1% change is 40 dB, a factor 3 is -6 dB)
+    graphopt.optimize(m, x, "test-scale-int8{factor=1.01}", verify=True)
+    with pytest.raises(VerificationError, match=r"'test-scale-int8\{factor=3.0\}' \(int8 rung\).*SQNR -\d"):
+        graphopt.optimize(m, x, "test-scale-int8{factor=3.0}", verify=True)
+    # lossy: numbers may change, but no NaN/inf may appear
+    with pytest.raises(VerificationError, match=r"'test-poison' \(lossy rung\).*NaN/inf where the reference is finite"):
+        graphopt.optimize(m, x, "test-poison", verify=True)
+
+
+def test_verify_passes_real_quantize_and_prune(conv_bn_net):
+    m, (x,) = conv_bn_net
+    calib = [torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    g = graphopt.optimize(m, (x,), "fold,prune{ratio=0.5},quantize{mode=int8}", verify=True,
+                          calibration_data=calib)
+    assert "| quantize{mode=int8} | int8 |" in g.annotations["verify"]
 
 
 def test_failing_pass_is_reported_with_pipeline_context(test_passes):
