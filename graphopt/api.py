@@ -12,31 +12,38 @@ from graphopt.errors import CompilationError
 from graphopt.graph import Graph
 from graphopt.instruments import IRDumpInstrument, TimingInstrument, VerifyInstrument
 from graphopt.pipeline import Instrument, Pipeline
+from graphopt.signature import spec_to_json
 
 __all__ = ["optimize", "compile"]
 
 
-def _as_graph(model: "torch.nn.Module | Graph", example_inputs: Any, dynamic_shapes: Any) -> Graph:
+def _as_graph(model: "torch.nn.Module | Graph", example_inputs: Any, dynamic_shapes: Any,
+              example_kwargs: Any = None) -> Graph:
     if isinstance(model, Graph):
         return model
+    if example_inputs is None and example_kwargs:
+        example_inputs = ()
     if example_inputs is None:
         from graphopt.errors import CaptureError
 
         raise CaptureError("example_inputs are needed to capture a torch.nn.Module")
-    return capture(model, example_inputs, dynamic_shapes=dynamic_shapes)
+    return capture(model, example_inputs, dynamic_shapes=dynamic_shapes, example_kwargs=example_kwargs)
 
 
 def optimize(model: "torch.nn.Module | Graph", example_inputs: Any = None, pipeline: "str | Pipeline" = "default",
              *, dynamic_shapes: Any = None, verify: bool = False, dump_ir: str | None = None,
-             instruments: list[Instrument] | None = None, calibration_data: Any = None) -> Graph:
+             instruments: list[Instrument] | None = None, calibration_data: Any = None,
+             example_kwargs: dict[str, Any] | None = None) -> Graph:
     """Capture ``model`` (unless it is a Graph already) and run ``pipeline`` over it.
 
     ``verify=True`` runs the graph after every pass and fails with the pass's name when it
     leaves its tolerance; ``dump_ir=DIR`` writes numbered IR files before/after each pass.
     ``calibration_data`` (an iterable of input batches) is what the quantize pass calibrates
     on. The per-pass timing table is left in ``graph.annotations["timing"]``.
+    ``example_kwargs`` are keyword inputs of the example call; ``graph.forward(...)`` is then
+    called like the model (same keywords) and returns the model's output structure.
     """
-    graph = _as_graph(model, example_inputs, dynamic_shapes)
+    graph = _as_graph(model, example_inputs, dynamic_shapes, example_kwargs)
     if calibration_data is not None:
         graph = graph.copy()
         graph.annotations["calibration_data"] = calibration_data
@@ -58,7 +65,7 @@ def optimize(model: "torch.nn.Module | Graph", example_inputs: Any = None, pipel
 def compile(model: "torch.nn.Module | Graph", target: Any = "x86", example_inputs: Any = None,  # noqa: A001
             pipeline: "str | Pipeline" = "default", *, dynamic_shapes: Any = None, verify: bool = False,
             dump_ir: str | None = None, fusion: str | None = None, schedules: bool = True,
-            tune: Any = None, calibration_data: Any = None):
+            tune: Any = None, calibration_data: Any = None, example_kwargs: dict[str, Any] | None = None):
     """Optimize ``model`` with ``pipeline`` and build it for ``target``; returns a CompiledModule.
 
     ``target`` is a preset name (``graphopt targets`` lists them), ``cuda:sm_XX`` or a TVM
@@ -66,7 +73,9 @@ def compile(model: "torch.nn.Module | Graph", target: Any = "x86", example_input
     own fusion groups decide ("graph", one kernel per group of the ``fuse`` pass), and a
     pipeline without ``fuse`` builds unfused ("none"); "tvm" asks for TVM's automatic fusion.
     ``tune`` (a graphopt.targets.tuning.tuner.Tune) autotunes with MetaSchedule into its database
-    first; ``calibration_data`` feeds static quantization.
+    first; ``calibration_data`` feeds static quantization. The module is called like the
+    model, with ``example_kwargs``' keywords too, and returns the model's output structure;
+    ``dynamic_shapes`` (torch.export's spec) sizes outside the captured range are InputErrors.
     """
     from graphopt import __version__
     from graphopt.artifact import CompiledModule, configure_tvm_threads
@@ -78,7 +87,7 @@ def compile(model: "torch.nn.Module | Graph", target: Any = "x86", example_input
     spec = resolve_target(target)
     pipe = Pipeline.parse(pipeline)
     t0 = time.perf_counter()
-    graph = _as_graph(model, example_inputs, dynamic_shapes)
+    graph = _as_graph(model, example_inputs, dynamic_shapes, example_kwargs)
     t1 = time.perf_counter()
     optimized = optimize(graph, pipeline=pipe, verify=verify, dump_ir=dump_ir, calibration_data=calibration_data)
     t2 = time.perf_counter()
@@ -118,6 +127,9 @@ def compile(model: "torch.nn.Module | Graph", target: Any = "x86", example_input
         "entry": "main",
         "inputs": [s.to_json() for s in optimized.input_specs],
         "outputs": [s.to_json() for s in optimized.output_specs],
+        "input_spec": spec_to_json(optimized.in_spec),
+        "output_spec": spec_to_json(optimized.out_spec),
+        "dim_ranges": {k: list(v) for k, v in sorted(optimized.dim_ranges.items())},
     }
     device_code = getattr(executable, "graphopt_device_code", None)
     if device_code is not None:  # GPU targets: what form the kernels ship in (targets/cuda/device_code.py)

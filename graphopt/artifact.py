@@ -31,7 +31,8 @@ from graphopt.artifact_folder import (FORMAT, FORMAT_VERSION, LIBRARY, MANIFEST,
                                       read_manifest, sha256_file, write_folder_atomically)
 from graphopt.cpu_features import check_cpu_features
 from graphopt.errors import ArtifactError, InputError
-from graphopt.graph import TensorSpec, check_shape
+from graphopt.graph import TensorSpec, check_dim_sizes, check_shape
+from graphopt.signature import flatten_call, output_builder, spec_from_json, takes_flat_positional
 
 # TVM kernels assume 64-byte aligned buffers (its default data_alignment) and check it on entry
 _ALIGN = 64
@@ -121,6 +122,7 @@ class CompiledModule:
         self.path = path
         self.inputs = [TensorSpec.from_json(d) for d in manifest["inputs"]]
         self.outputs = [TensorSpec.from_json(d) for d in manifest["outputs"]]
+        self._read_call_structure(manifest)
         self.stats: dict[str, Any] = {}
         self._local = threading.local()
         self._shared_outputs: frozenset[int] | None = None  # found on the first call
@@ -158,7 +160,25 @@ class CompiledModule:
     def _on_cpu(self) -> bool:
         return self._device.dlpack_device_type() == 1  # kDLCPU
 
-    def __call__(self, *inputs: Any) -> Any:
+    def _read_call_structure(self, manifest: dict[str, Any]) -> None:
+        """How the model is called and what it returns (graphopt/signature.py)."""
+        try:
+            self.in_spec = spec_from_json(manifest.get("input_spec"))
+            self.out_spec = spec_from_json(manifest.get("output_spec"))
+            self.dim_ranges = {k: (int(lo), None if hi is None else int(hi))
+                               for k, (lo, hi) in manifest.get("dim_ranges", {}).items()}
+        except Exception as e:  # malformed JSON structure of any kind
+            raise ArtifactError(f"manifest: unreadable input/output structure ({type(e).__name__}: {e})") from e
+        self._flat_call = takes_flat_positional(self.in_spec)
+        self._build_outputs = output_builder(self.out_spec, len(self.outputs))
+
+    def __call__(self, *inputs: Any, **kwargs: Any) -> Any:
+        """Call with the model's positional and keyword inputs; returns the model's output
+        structure (a tensor, tuple, list, dict, dataclass or ModelOutput, as it returned).
+        A ModelOutput or dataclass whose class cannot be imported here comes back as a dict
+        with the same keys (graphopt/signature.py)."""
+        if kwargs or not self._flat_call:
+            inputs = flatten_call(self.in_spec, inputs, kwargs)
         on_cpu = self._on_cpu
         if on_cpu:  # tensors cross into TVM without a copy
             args, as_torch = self._cpu_args(inputs)
@@ -188,7 +208,7 @@ class CompiledModule:
                 import torch
 
                 outs = [_numpy_to_torch(o) for o in outs]
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        return self._build_outputs(outs)
 
     def _run(self, args: list[Any]) -> list[Any]:
         results = self._call_vm(args)
@@ -241,7 +261,6 @@ class CompiledModule:
             names = ", ".join(s.name for s in self.inputs)
             raise InputError(f"expected {len(self.inputs)} input(s) ({names}), got {len(inputs)}")
         arrays, as_torch = [], False
-        symbols: dict[str, int] = {}
         for spec, x in zip(self.inputs, inputs):
             if hasattr(x, "detach") and hasattr(x, "numpy"):  # a torch tensor
                 as_torch = True
@@ -252,12 +271,8 @@ class CompiledModule:
                 raise InputError(f"input {spec.name!r}: expected a torch.Tensor or numpy array, "
                                  f"got {type(x).__name__}")
             check_shape(spec, tuple(x.shape), str(x.dtype))
-            for want, got in zip(spec.shape, x.shape):
-                if isinstance(want, str):
-                    if symbols.setdefault(want, got) != got:
-                        raise InputError(f"input {spec.name!r}: dimension {want} is {got} here but "
-                                         f"{symbols[want]} in another input")
-            arrays.append(np.ascontiguousarray(x))
+            arrays.append(np.require(x, requirements="C"))  # ascontiguousarray makes 0-d 1-d
+        check_dim_sizes(self.inputs, [a.shape for a in arrays], self.dim_ranges)
         return arrays, as_torch
 
     # ------------------------------------------------------------------ saving

@@ -19,28 +19,34 @@ import traceback
 import warnings
 from typing import Any, Sequence
 
+import sympy
 import torch
 import torch.fx as fx
 from torch.export.graph_signature import InputKind
+from torch.utils._sympy.numbers import int_oo
 
 from graphopt.errors import CaptureError
-from graphopt.graph import Graph
+from graphopt.graph import Graph, dim_name
+from graphopt.signature import flatten_call
 
 
-def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Any = None,
-            name: str | None = None) -> Graph:
-    """Capture ``model`` (in eval mode) called on ``example_inputs`` as a Graph.
+def capture(model: torch.nn.Module, example_inputs: Any = (), dynamic_shapes: Any = None,
+            name: str | None = None, example_kwargs: dict[str, Any] | None = None) -> Graph:
+    """Capture ``model`` (in eval mode) called as ``model(*example_inputs, **example_kwargs)``.
 
-    ``example_inputs`` is a tensor or a tuple of tensors. ``dynamic_shapes`` follows
-    ``torch.export`` (e.g. ``{"x": {0: torch.export.Dim("batch", min=1, max=64)}}``), or
-    the shorthand ``"batch"`` to make dimension 0 of every input symbolic.
+    ``example_inputs`` is a tensor or a tuple of tensors, ``example_kwargs`` a dict of
+    keyword tensors (``{"attention_mask": mask}``). ``dynamic_shapes`` is torch.export's
+    own spec, by argument name (``{"input_ids": {1: Dim("seq", max=512)}}``) or a tuple
+    in argument order, or the shorthand ``"batch"`` making dimension 0 of every input
+    symbolic. The graph keeps the call's structure and the output's (``graph.in_spec``,
+    ``graph.out_spec``) and the range of sizes each dynamic dim was captured for.
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    args = normalize_inputs(example_inputs)
+    kwargs = normalize_kwargs(example_kwargs)
+    args = normalize_inputs(example_inputs, allow_empty=bool(kwargs))
     if dynamic_shapes == "batch":
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        dynamic_shapes = tuple({0: batch} for _ in args)
+        dynamic_shapes = _batch_dims(model, args, kwargs)
     name = name or type(model).__name__
 
     was_training = model.training
@@ -48,7 +54,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Any = N
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ep = torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
             ep = ep.run_decompositions({})
     except Exception as e:  # torch raises many unrelated types; we report one
         raise CaptureError(_describe_failure(model, e)) from e
@@ -57,16 +63,20 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Any = N
 
     gm, fake_mode = _unlift(ep)
     _keep_dynamic_dims_symbolic(gm)
-    graph = Graph(gm, tuple(a.detach() for a in args), name=name, fake_mode=fake_mode)
+    in_spec = ep.call_spec.in_spec
+    flat = flatten_call(in_spec, args, kwargs)  # the placeholders' order
+    graph = Graph(gm, tuple(a.detach() for a in flat), name=name, fake_mode=fake_mode)
+    graph.in_spec, graph.out_spec = in_spec, ep.call_spec.out_spec
+    graph.dim_ranges = _dim_ranges(gm, ep.range_constraints)
     graph.refresh_meta()
     graph.check()
     return graph
 
 
-def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+def normalize_inputs(example_inputs: Any, allow_empty: bool = False) -> tuple[torch.Tensor, ...]:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
-    if isinstance(example_inputs, (list, tuple)) and example_inputs:
+    if isinstance(example_inputs, (list, tuple)) and (example_inputs or allow_empty):
         for i, x in enumerate(example_inputs):
             if not isinstance(x, torch.Tensor):
                 raise CaptureError(f"example input {i} is a {type(x).__name__}; graphopt captures "
@@ -74,6 +84,49 @@ def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
         return tuple(example_inputs)
     raise CaptureError("example_inputs must be a tensor or a non-empty tuple of tensors, "
                        f"got {type(example_inputs).__name__}")
+
+
+def normalize_kwargs(example_kwargs: Any) -> dict[str, torch.Tensor]:
+    if example_kwargs is None:
+        return {}
+    if not isinstance(example_kwargs, dict):
+        raise CaptureError(f"example_kwargs must be a dict of tensors, got {type(example_kwargs).__name__}")
+    for key, x in example_kwargs.items():
+        if not isinstance(x, torch.Tensor):
+            raise CaptureError(f"example keyword input {key!r} is a {type(x).__name__}; graphopt captures "
+                               "models whose inputs are tensors")
+    return dict(example_kwargs)
+
+
+def _batch_dims(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """torch.export's spec for dimension 0 of every input being one symbolic ``batch``."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    if not kwargs:
+        return tuple({0: batch} for _ in args)
+    # With keywords, export wants the spec by argument name.
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as e:
+        raise CaptureError(f"cannot capture {type(model).__name__}: the example inputs do not fit its "
+                           f"forward(): {e}") from e
+    return {name: {0: batch} for name in bound.arguments}
+
+
+def _dim_ranges(gm: fx.GraphModule, constraints: dict[Any, Any]) -> dict[str, tuple[int, int | None]]:
+    """The user's name of each dynamic input dim -> the sizes export promises the graph for."""
+    ranges: dict[str, tuple[int, int | None]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        for d in getattr(node.meta.get("val"), "shape", ()):
+            if not isinstance(d, torch.SymInt):
+                continue
+            vr = constraints.get(d.node.expr)
+            if vr is None:
+                continue
+            high = None if vr.upper in (int_oo, sympy.oo) else int(vr.upper)
+            ranges[dim_name(d)] = (int(vr.lower), high)
+    return ranges
 
 
 def _unlift(ep: torch.export.ExportedProgram) -> tuple[fx.GraphModule, Any]:

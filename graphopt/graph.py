@@ -100,6 +100,13 @@ class Graph:
         self.history: list[str] = []
         # Free-form per-graph records that passes leave for later stages (calibration ranges, ...).
         self.annotations: dict[str, Any] = {}
+        # How the model is called and what it returns (graphopt/signature.py): pytree specs of
+        # ``(args, kwargs)`` and of the outputs, as torch.export recorded them; None for a
+        # graph called with its flat inputs that returns a flat tuple.
+        self.in_spec: Any = None
+        self.out_spec: Any = None
+        # The sizes each named dynamic dim may take, inclusive; max None when unbounded.
+        self.dim_ranges: dict[str, tuple[int, int | None]] = {}
 
     # ----------------------------------------------------------------- access
     @property
@@ -235,10 +242,24 @@ class Graph:
 
     # --------------------------------------------------------------- running
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Run the graph on its flat inputs; returns its flat outputs as a tuple.
+
+        This is the form passes, verification, the fuzzer and bisect compare; :meth:`forward`
+        is the model's own interface.
+        """
         self.validate_inputs(inputs)
         with torch.no_grad():
             out = self.gm(*inputs)
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the graph called as the model is called (its positional and keyword inputs)
+        and return what the model returns: a tensor, or its tuple/list/dict/dataclass/
+        ModelOutput structure."""
+        from graphopt.signature import flatten_call, output_builder
+
+        flat = self(*flatten_call(self.in_spec, args, kwargs))
+        return output_builder(self.out_spec, len(flat))(list(flat))
 
     def validate_inputs(self, inputs: tuple[Any, ...]) -> None:
         specs = self.input_specs
@@ -249,6 +270,7 @@ class Graph:
             if not isinstance(x, torch.Tensor):
                 raise InputError(f"input {spec.name!r}: expected a torch.Tensor, got {type(x).__name__}")
             check_shape(spec, tuple(x.shape), dtype_name(x.dtype))
+        check_dim_sizes(specs, [tuple(x.shape) for x in inputs], self.dim_ranges)
 
     def module(self) -> torch.nn.Module:
         """A runnable ``torch.nn.Module`` (a copy: changing it does not change the graph)."""
@@ -259,6 +281,7 @@ class Graph:
         g = Graph(gm, self.example_inputs, self.name, self.fake_mode)
         g.history = list(self.history)
         g.annotations = copy.deepcopy(self.annotations)
+        g.in_spec, g.out_spec, g.dim_ranges = self.in_spec, self.out_spec, dict(self.dim_ranges)
         return g
 
     # -------------------------------------------------------------- analysis
@@ -297,3 +320,23 @@ def check_shape(spec: TensorSpec, shape: tuple[int, ...], dtype: str) -> None:
         if isinstance(want, int) and want != got:
             raise InputError(f"input {spec.name!r}: expected shape {shown}, got {shape} "
                              f"(dimension {axis} must be {want})")
+
+
+def check_dim_sizes(specs: list[TensorSpec], shapes: list[tuple[int, ...]],
+                    ranges: dict[str, tuple[int, int | None]]) -> None:
+    """Raise InputError when a named dynamic dim has different sizes in two inputs, or a size
+    outside the range it was captured for (the compiled code is only valid inside it)."""
+    sizes: dict[str, tuple[int, str]] = {}
+    for spec, shape in zip(specs, shapes):
+        for want, got in zip(spec.shape, shape):
+            if not isinstance(want, str):
+                continue
+            seen = sizes.setdefault(want, (got, spec.name))
+            if seen[0] != got:
+                raise InputError(f"input {spec.name!r}: dimension {want} is {got} here but {seen[0]} "
+                                 f"in input {seen[1]!r}")
+            low, high = ranges.get(want, (0, None))
+            if got < low or (high is not None and got > high):
+                shown = f"[{low}, {high}]" if high is not None else f">= {low}"
+                raise InputError(f"input {spec.name!r}: dimension {want} is {got}, outside the range "
+                                 f"{shown} the module was compiled for")

@@ -38,6 +38,7 @@ from graphopt.graph import Graph
 
 try:  # TVM is imported lazily by graphopt; this module is only loaded when lowering.
     import tvm
+    import tvm_ffi
     from tvm import relax, tirx
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 except ImportError as e:  # pragma: no cover - TVM is a hard dependency
@@ -295,7 +296,7 @@ class GraphImporter(ExportedProgramImporter):
 
     def _convert(self, node: fx.Node) -> relax.Expr:
         try:
-            return self.convert_map[node.target.__name__](node)
+            return self._with_known_shape(node, self.convert_map[node.target.__name__](node))
         except UnsupportedOpError:
             raise
         except Exception as e:  # the importer asserts or raises TVM errors on odd arguments
@@ -303,6 +304,27 @@ class GraphImporter(ExportedProgramImporter):
             raise UnsupportedOpError(
                 f"operator {node.target} (node {node.name!r}, from {source_location(node)}) could not be "
                 f"lowered to TVM with these arguments: {msg[-1] if msg else type(e).__name__}") from e
+
+    def _with_known_shape(self, node: fx.Node, expr: relax.Expr) -> relax.Expr:
+        """``expr`` with the shape torch's meta gives it, where Relax lost it.
+
+        With a symbolic size among an op's arguments (a slice up to ``seq``, a reshape to
+        ``(seq, 2, 32)``) Relax's shape inference can give up and call the result a tensor of
+        unknown shape, or a shape it cannot simplify (a slice of 64 rows up to ``seq`` is
+        ``min(seq, 64)`` rows, where torch knows ``seq <= 64``); every op after it that needs
+        a rank, or that broadcasts it with ``seq``, then fails. torch's meta knows the shape
+        as an expression of the input dims: a reshape to it states it (free at run time: the VM
+        makes it a view). Not a match_cast: TVM's CanonicalizeBindings crashes on one here."""
+        val = node.meta.get("val")
+        ty = getattr(expr, "ty", None)
+        if not isinstance(val, torch.Tensor) or not isinstance(ty, relax.TensorType):
+            return expr
+        if ty.shape is not None and not any(isinstance(d, torch.SymInt) for d in val.shape):
+            return expr
+        dims = self._relax_shape(val)
+        if ty.shape is not None and tvm_ffi.structural_equal(ty.shape, relax.ShapeExpr(dims)):
+            return expr
+        return self.block_builder.emit(relax.op.reshape(expr, dims), name_hint=node.name)
 
 
 @relax.expr_functor.mutator
