@@ -7,8 +7,10 @@ followed by distillation from the original model when training data is given)::
 
 For each candidate we optimize, (fine-tune), compile for the target, and measure the
 user's metric on the compiled module, its latency and its artifact size. Every finished
-candidate is written to a cache file keyed by model, inputs, target and pipeline, so an
-interrupted search resumes where it stopped. The result marks the Pareto front
+candidate is written to a cache file keyed by model, inputs, target, pipeline and the data
+it was measured and built with (evaluation, calibration and training data, values
+included), so an interrupted search resumes where it stopped and a search on other data
+measures again. The result marks the Pareto front
 (accuracy up, latency down, size down) and picks the fastest candidate whose accuracy drop
 stays within the budget.
 """
@@ -160,6 +162,62 @@ def _fingerprint(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+def _data_digest(data: Any) -> str:
+    """A hash of everything ``data`` holds that a candidate's result depends on.
+
+    Tensors and arrays count with their values, containers with their structure. A callable
+    (an ``evaluate`` metric) counts with its code and the data its closure holds: a metric
+    reading a global dataset is keyed by its code alone, so pass ``(inputs, labels)`` to
+    have the data keyed too. Other iterables (a DataLoader) are read once here."""
+    import numpy as np
+
+    h = hashlib.sha256()
+
+    def visit(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"tensor{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, np.ndarray):
+            h.update(f"array{x.shape}{x.dtype}".encode())
+            h.update(np.ascontiguousarray(x).tobytes())
+        elif x is None or isinstance(x, (bool, int, float, str)):
+            h.update(repr(x).encode())
+        elif isinstance(x, dict):
+            h.update(f"dict{len(x)}".encode())
+            for k in sorted(x, key=repr):
+                visit(k)
+                visit(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"seq{len(x)}".encode())
+            for item in x:
+                visit(item)
+        elif callable(x):
+            code = getattr(x, "__code__", None)
+            h.update(f"fn {getattr(x, '__module__', '')}.{getattr(x, '__qualname__', type(x).__name__)}".encode())
+            if code is not None:
+                h.update(code.co_code)
+                visit(code.co_consts)
+            for cell in getattr(x, "__closure__", None) or ():
+                contents = cell.cell_contents
+                visit(contents if isinstance(contents, (torch.Tensor, np.ndarray, list, tuple, dict)) else
+                      type(contents).__name__)
+        elif hasattr(x, "__iter__"):
+            visit(list(x))
+        else:
+            h.update(type(x).__name__.encode())
+
+    visit(data)
+    return h.hexdigest()[:16]
+
+
+def _reusable(data: Any) -> Any:
+    """``data`` as something that can be read more than once (a generator becomes a list)."""
+    if data is not None and not isinstance(data, (list, tuple, dict, torch.Tensor)) and iter(data) is data:
+        return list(data)
+    return data
+
+
 def _dir_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
 
@@ -260,10 +318,13 @@ def explore(model: torch.nn.Module, example_inputs: Any, target: Any = "x86", ev
     baseline = float(metric(lambda *xs: model(*xs)))
     if calibration_data is None:
         calibration_data = [inputs]
+    # hashed for the cache key below and read again by every candidate
+    calibration_data, train_data = _reusable(calibration_data), _reusable(train_data)
     cands = list(candidates) if candidates is not None else default_candidates(
         spec.features, spec.kind, train_data is not None)
     known = registered_passes()
-    key_base = f"{_fingerprint(model, inputs)}-{spec.name}-{json.dumps(spec.tvm, sort_keys=True)}"
+    key_base = (f"{_fingerprint(model, inputs)}-{spec.name}-{json.dumps(spec.tvm, sort_keys=True)}-"
+                f"{_data_digest(evaluate)}-{_data_digest(calibration_data)}-{_data_digest(train_data)}")
     os.makedirs(cache_dir, exist_ok=True)
 
     results: list[CandidateResult] = []

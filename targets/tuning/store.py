@@ -7,12 +7,18 @@ Layout of a database folder (``Tune(db=PATH)``)::
     PATH/<target-key>/tasks_done.json              [workload hash, per-task budget] of finished runs
     PATH/<target-key>/rule_baselines.json          [workload hash, mean seconds] of graphopt's rule schedule
     PATH/<target-key>/target.json                  the target these records were measured on
+    PATH/<target-key>/versions.json                graphopt, TVM and schedule-rule versions they are valid for
     PATH/<target-key>/.lock                        the flock that serialises writers
 
 Both ``.json`` files are exactly MetaSchedule's ``JSONDatabase`` format, so TVM's own tools read
 them. One sub-folder per target (the key is a hash of the target dict) is what makes records
 "keyed by workload *and* target": MetaSchedule's query ignores the target a record was measured
-on, so records for two targets must never share one database.
+on, so records for two targets must never share one database. The key also hashes what makes
+a record stale although its workload and target are the same: the graphopt and TVM versions
+(a trace replays TVM's schedule primitives; graphopt lowers and legalizes the workloads) and
+a hash of the sources of graphopt's CPU schedule rules (a rule baseline, or a task marked
+done, was measured against one version of the rules). A change of any of them starts a fresh
+sub-folder instead of applying records measured for other code.
 
 Why not hand MetaSchedule a ``JSONDatabase`` directly:
 
@@ -33,6 +39,7 @@ every record already measured.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -44,14 +51,42 @@ from graphopt.errors import TuningError
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 TARGET_FILE = "target.json"
+VERSIONS_FILE = "versions.json"
 LOCK_FILE = ".lock"
 DONE_FILE = "tasks_done.json"
 BASELINE_FILE = "rule_baselines.json"
 
 
+# graphopt's CPU schedule rules: their sources are part of what a record was measured against
+RULES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cpu", "schedules")
+
+
+@functools.lru_cache(maxsize=None)
+def schedule_rules_version(folder: str = RULES_DIR) -> str:
+    """A hash of the schedule rules' Python sources (file names and contents)."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            h.update(name.encode() + b"\0")
+            with open(os.path.join(folder, name), "rb") as f:
+                h.update(f.read() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def record_versions() -> dict[str, str]:
+    """What tuning records are valid for besides their workload and target."""
+    import tvm
+
+    from graphopt import __version__
+
+    return {"graphopt": __version__, "tvm": tvm.__version__, "schedule_rules": schedule_rules_version()}
+
+
 def target_key(target_json: dict[str, Any]) -> str:
-    """Folder name for a target: readable kind/cpu plus a hash of the whole target dict."""
-    digest = hashlib.sha256(json.dumps(target_json, sort_keys=True).encode()).hexdigest()[:12]
+    """Folder name for a target: readable kind/cpu plus a hash of the whole target dict and of
+    the versions records measured now are valid for (``record_versions``)."""
+    keyed = {"target": target_json, "versions": record_versions()}
+    digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
     tvm_part = target_json.get("tvm", target_json)
     cpu = tvm_part.get("mcpu") or tvm_part.get("arch") or "generic"
     return f"{tvm_part.get('kind', 'target')}-{cpu}-{digest}"
@@ -70,10 +105,10 @@ class TuningStore:
             os.makedirs(self.path, exist_ok=True)
         except OSError as e:
             raise TuningError(f"cannot create tuning database {self.path}: {e.strerror or e}") from e
-        target_file = os.path.join(self.path, TARGET_FILE)
-        if not os.path.exists(target_file):
-            with open(target_file, "w") as f:
-                json.dump(target_json, f, indent=2, sort_keys=True)
+        for name, content in ((TARGET_FILE, target_json), (VERSIONS_FILE, record_versions())):
+            if not os.path.exists(os.path.join(self.path, name)):
+                with open(os.path.join(self.path, name), "w") as f:
+                    json.dump(content, f, indent=2, sort_keys=True)
         self.workload_file = os.path.join(self.path, WORKLOAD_FILE)
         self.record_file = os.path.join(self.path, RECORD_FILE)
         # workload line index -> (shash, json text) of every workload line read so far
