@@ -26,9 +26,14 @@ def skip_unless_ci(reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def aarch64_env():
-    """The emulated aarch64 board: qemu-user and the cached aarch64 sysroot, installed and built if missing,
-    plus the cross linker (the ziglang wheel, a dependency, so never missing). Skipped only on a machine that
-    cannot install system packages (not root, no apt-get) and outside CI; any other failure fails the test."""
+    """The emulated aarch64 board (see emulated_aarch64_board)."""
+    return emulated_aarch64_board()
+
+
+def emulated_aarch64_board():
+    """qemu-user and the cached aarch64 sysroot, installed and built if missing, plus the cross linker (the
+    ziglang wheel, a dependency, so never missing). The test skips only on a machine that cannot install
+    system packages (not root, no apt-get) and outside CI; any other failure fails it."""
     from graphopt.errors import EmulationError
     from graphopt.targets.aarch64 import emulation, toolchain
 

@@ -73,6 +73,26 @@ def test_link_failure_is_a_toolchain_error_with_the_linker_output(tmp_path):
         link(str(tmp_path / "model.so"), [str(tmp_path / "bad.o")])
 
 
+def test_missing_emulator_fails_in_ci_and_skips_only_where_it_cannot_be_installed(monkeypatch):
+    import conftest
+
+    def no_sysroot(*args, **kwargs):
+        raise EmulationError("qemu-aarch64 is not on PATH")
+
+    monkeypatch.setattr(emulation, "ensure_aarch64_sysroot", no_sysroot)
+    monkeypatch.setattr(toolchain, "apt_unavailable_reason", lambda: "installing system packages needs root")
+    monkeypatch.setattr(conftest, "IN_CI", True)
+    with pytest.raises(pytest.fail.Exception, match=r"cannot be installed here .* \(CI=true"):
+        conftest.emulated_aarch64_board()
+    monkeypatch.setattr(conftest, "IN_CI", False)
+    with pytest.raises(pytest.skip.Exception, match="qemu-aarch64 is not on PATH"):
+        conftest.emulated_aarch64_board()
+    # where apt could have installed it, the failure is the test's, in CI or not
+    monkeypatch.setattr(toolchain, "apt_unavailable_reason", lambda: None)
+    with pytest.raises(EmulationError, match="qemu-aarch64 is not on PATH"):
+        conftest.emulated_aarch64_board()
+
+
 def test_fcompile_for_target_is_none_for_host():
     import tvm
 
