@@ -23,6 +23,7 @@ import torch
 import graphopt
 from graphopt.errors import (ArtifactError, CalibrationError, CaptureError, GraphoptError, InputError, PassError, PassOptionError,
                              PipelineError, TargetError, ToolchainError, UnsupportedOpError)
+from graphopt.testing import assert_matches_eager
 
 
 class Small(torch.nn.Module):
@@ -279,6 +280,24 @@ def test_bad_input_raises_its_typed_error(ctx, monkeypatch, name, action, error,
         assert os.listdir(os.path.join(ctx.tmp, "precious")) == ["notes.txt"]
     if name == "output_folder_holds_a_stray_manifest":
         assert os.listdir(os.path.join(ctx.tmp, "stray")) == ["manifest.json"]
+
+
+def test_a_bf16_build_takes_bf16_inputs():
+    """bf16 inputs are an InputError for a float32 build (the catalogue) and just work for a
+    bf16 one: torch bf16 tensors, and numpy arrays of ml_dtypes' bfloat16."""
+    import ml_dtypes
+
+    model = Small().to(torch.bfloat16).eval()
+    x = X.to(torch.bfloat16)
+    module = graphopt.compile(model, "x86", (x,), pipeline="fold")
+    assert module.manifest["inputs"][0]["dtype"] == "bfloat16"
+    out = module(x)
+    assert out.dtype == torch.bfloat16
+    assert_matches_eager(out, model, (x,), tolerance="half")
+    out_np = module(x.float().numpy().astype(ml_dtypes.bfloat16))
+    assert out_np.dtype == ml_dtypes.bfloat16
+    assert_matches_eager(torch.from_numpy(out_np.astype(np.float32)).to(torch.bfloat16), model, (x,),
+                         tolerance="half")
 
 
 def test_nan_and_inf_inputs_propagate_like_eager(compiled):

@@ -2,10 +2,12 @@
 
 Specification: dimension 0 of each input becomes a symbolic TIR variable through capture,
 the passes and TVM; the compiled module (and the artifact reloaded from disk) matches eager
-PyTorch at batch 1, 3 and 8; a wrong rank or a wrong non-batch dimension is an InputError
-at call time that names the input and the dimension.
+PyTorch at batch 1, 3 and 8; a wrong rank, a wrong non-batch dimension or a size outside
+the range the dim was captured for is an InputError at call time that names the input and
+the dimension.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,6 +99,22 @@ def test_wrong_non_batch_dimension_is_an_input_error(cnn_module, mlp_module):
     _, module = mlp_module
     with pytest.raises(InputError, match=r"dimension 1 must be 784"):
         module(torch.randn(4, 785))
+
+
+def test_a_size_outside_the_captured_range_is_an_input_error(tmp_path):
+    model = mlp()
+    rows = torch.export.Dim("rows", min=2, max=16)
+    module = graphopt.compile(model, "x86", (torch.randn(4, 784),), dynamic_shapes=({0: rows},))
+    assert module.manifest["dim_ranges"] == {"rows": [2, 16]}
+    loaded = graphopt.load(module.save(str(tmp_path / "rows")))
+    for m in (module, loaded):
+        for rows_given in (1, 17):
+            for x in (torch.randn(rows_given, 784), np.zeros((rows_given, 784), np.float32)):
+                with pytest.raises(InputError, match=rf"input '\w+': dimension rows is {rows_given}, outside the "
+                                                     r"range \[2, 16\] the module was compiled for"):
+                    m(x)
+        for rows_given in (2, 16):  # the bounds are inside
+            _assert_matches_eager(m, model, torch.randn(rows_given, 784))
 
 
 def test_wrong_dtype_is_an_input_error(mlp_module):
