@@ -105,7 +105,7 @@ class VerifyInstrument(Instrument):
         self.records.append(VerifyRecord(str(p), step, total, p.tolerance))
         before, self._before = self._before, None
         if result.changed:
-            truth = (lambda: float64_run(before, self.inputs)) if before is not None else None
+            truth = (lambda: _graph_outputs(float64_run(before, self.inputs))) if before is not None else None
             verdict = compare(self._previous, outputs, p.tolerance, truth)
             if not verdict.ok:
                 raise VerificationError(f"after pass {str(p)!r} ({p.tolerance} rung): {verdict.message}")
@@ -116,6 +116,13 @@ class VerifyInstrument(Instrument):
         for r in self.records:
             lines.append(f"| {r.pass_text} | {r.tolerance} | {r.step_error:.3g} | {r.total_error:.3g} |")
         return "\n".join(lines)
+
+
+def _graph_outputs(out: object) -> tuple[torch.Tensor, ...] | None:
+    """A GraphModule's result in the form Graph.__call__ gives it: always a tuple."""
+    if out is None:
+        return None
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
 def _max_error(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> float:

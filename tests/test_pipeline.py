@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import graphopt
+from graphopt.compare import compare
 from graphopt.errors import GraphoptError, PassError, PassOptionError, PipelineError, VerificationError
 from graphopt.graph import Graph
 from graphopt.instruments import IRDumpInstrument, TimingInstrument, VerifyInstrument
@@ -183,3 +184,32 @@ def test_pipeline_does_not_modify_its_input(conv_bn_net):
     before = str(g)
     graphopt.optimize(g, pipeline="fold")
     assert str(g) == before
+
+
+def test_verify_judges_an_ill_conditioned_algebraic_pass_by_float64(test_passes):
+    # LayerNorm over nearly constant values amplifies fp32 rounding, in eager too: nudging the
+    # weights by 1e-4 moves the outputs by more than the algebraic rung's 1e-4, and verify lets it
+    # through because the graph before the pass, run in float64, is no closer; a real change is not
+    class NearlyConstantNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            return torch.nn.functional.layer_norm(100.0 + 1e-2 * self.fc(x), (64,), eps=1e-12)
+
+    @dataclass(frozen=True)
+    class Nudge(_Scale):
+        name: ClassVar[str] = "test-nudge"
+        tolerance: ClassVar[str] = "algebraic"
+
+    torch.manual_seed(0)
+    m, x = NearlyConstantNorm().eval(), torch.randn(1, 64)
+    register_pass(Nudge)
+    try:
+        g = graphopt.optimize(m, x, "test-nudge{factor=1.0001}", verify=True)
+        assert not compare(m(x), g(x)[0], "algebraic").ok  # beyond the rung without the judge
+        with pytest.raises(VerificationError, match="vs float64"):
+            graphopt.optimize(m, x, "test-nudge{factor=0.5}", verify=True)
+    finally:
+        _REGISTRY.pop("test-nudge")
