@@ -7,8 +7,8 @@
 * Dispatch: the first rule that matches schedules a func and stamps its name on it; a rule
   that raises fails a strict run (the test suite) and warns, naming rule and PrimFunc, in a
   build, whose func the next rule then takes.
-* Every rule family builds at 4 (NEON, cross-compiled), 8 (AVX2) and 16 (AVX-512) lanes and,
-  on x86, matches eager PyTorch.
+* Every rule family schedules and matches eager PyTorch at 8 (AVX2) and 16 (AVX-512) lanes on
+  this host, and at 4 (NEON) cross-compiled and run under qemu-aarch64.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from graphopt.targets.cpu.schedules import (  # noqa: E402
 from graphopt.targets.cpu.schedules import base  # noqa: E402
 from graphopt.targets.cpu.schedules.conv2d import ConvShape, channel_vectorized_tile  # noqa: E402
 from graphopt.targets.cpu.schedules.conv_depthwise import conv_pixel_tile  # noqa: E402
+from graphopt.targets.cpu.schedules.depthwise import TILE_VECTORS  # noqa: E402
 from graphopt.targets.cpu.schedules.elementwise import Fallback  # noqa: E402
 from graphopt.targets.cpu.schedules.int8 import dot_instruction  # noqa: E402
 from graphopt.targets.cpu.schedules.matmul import gemm_i_tile, gemm_j_tile  # noqa: E402
@@ -120,6 +121,14 @@ def test_gemm_register_tile_fits_the_register_file(isa, m, n):
     vectors = -(-ji // lanes)
     ii = gemm_i_tile(m, ji, lanes, isa.accumulators)
     assert ii * vectors + vectors + 1 <= isa.registers or ii == 1
+
+
+@pytest.mark.parametrize("isa", ISAS.values(), ids=ISAS.keys())
+def test_depthwise_and_merged_conv_tiles_fit_the_register_file(isa):
+    # accumulators, the tap's input vector (or weight vector) and one broadcast
+    assert TILE_VECTORS + 2 <= isa.registers
+    for width in (7, 14, 28, 56, 112):
+        assert conv_pixel_tile(width, isa.accumulators) + 2 <= isa.registers
 
 
 # ------------------------------------------------------------------------ dispatch
@@ -217,15 +226,46 @@ def every_rule():
     return model, x, graphopt.optimize(model, (x,), "fold,fuse")
 
 
-@pytest.mark.parametrize("target", ["x86-avx2", "x86-avx512", "arm64"])
-def test_every_rule_schedules_at_each_vector_width(every_rule, target):
+def _rules_of(graph, spec) -> set:
+    mod = scheduled_module(lower_to_relax(graph), spec, fusion="graph")
+    return {rule_of(f) for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+@pytest.mark.parametrize("target", ["x86-avx2", "x86-avx512"])
+def test_every_rule_at_8_and_16_lanes_matches_eager(every_rule, target):
     model, x, graph = every_rule
+    rules = _rules_of(graph, resolve_target(target))
+    assert FLOAT_RULES <= rules, rules
+    module = graphopt.compile(model, target, (x,), "fold,fuse")
+    assert_matches_eager(module(x), model, (x,))
+
+
+@pytest.mark.emulated
+def test_every_rule_at_4_lanes_runs_on_emulated_neon(every_rule, aarch64_env, tmp_path):
+    from graphopt.targets.aarch64 import emulation
+
+    model, x, graph = every_rule
+    rules = _rules_of(graph, resolve_target("arm64"))
+    assert FLOAT_RULES <= rules, rules
+    path = graphopt.compile(model, "arm64", (x,), "fold,fuse").save(str(tmp_path / "every-rule-arm64"))
+    (out,) = emulation.run_artifact_emulated(path, [x.numpy()], timeout=600, env=aarch64_env)
+    assert_matches_eager(torch.from_numpy(out), model, (x,))
+
+
+@pytest.mark.parametrize("target", ["x86-avx2", "x86-avx512", "arm64"])
+def test_attention_rules_at_each_vector_width(target):
+    """A transformer layer: the GEMMs (Matmul), layer norms (RowReduction), and the attention
+    group, copies around two batch matmuls and a softmax (Fallback, with GEMM tiles inside)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0).eval()
+    x = torch.randn(16, 2, 32)
+    graph = graphopt.optimize(layer, (x,), "fold,fuse")
     spec = resolve_target(target)
     mod = scheduled_module(lower_to_relax(graph), spec, fusion="graph")
     rules = {rule_of(f) for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
-    assert FLOAT_RULES <= rules, rules
+    assert {"Matmul", "RowReduction", "Fallback"} <= rules, rules
     if spec.arch == "aarch64":
-        build(lower_to_relax(graph), spec, fusion="graph")  # LLVM's aarch64 code (not run here)
+        build(lower_to_relax(graph), spec, fusion="graph")
         return
-    module = graphopt.compile(model, target, (x,), "fold,fuse")
-    assert_matches_eager(module(x), model, (x,))
+    module = graphopt.compile(layer, target, (x,), "fold,fuse")
+    assert_matches_eager(module(x), layer, (x,))

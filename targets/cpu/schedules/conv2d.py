@@ -8,7 +8,9 @@ Design (the micro-kernel of oneDNN / TOPI's conv2d_NCHWc, without repacking acti
 * The output tile is ``RN`` output pixels of one row x ``FI`` output channels
   (FI = 1-2 vector registers).  For each (rc, ry, rx) of the reduction the kernel loads
   FI/lanes weight vectors, broadcasts RN input scalars and issues RN*FI/lanes FMAs into
-  accumulators that stay in registers for the whole reduction (RN*FI/lanes <= ~24).
+  accumulators that stay in registers for the whole reduction: RN*FI/lanes at most the
+  target's accumulator budget (``VectorISA.accumulators``: 24 of AVX-512's or NEON's 32
+  registers, 12 of AVX2's 16), so accumulators, weight vectors and broadcast all fit.
 * The accumulator is a ``cache_write`` buffer re-laid out as (n, y, x, f) so its fast
   axis is the vectorized one; the copy back to NCHW carries the fused epilogue (BN
   affine, bias, relu, residual add, clip) by ``reverse_compute_inline``.

@@ -35,6 +35,11 @@ from tvm.target import Target
 
 from . import base
 
+# Accumulator vectors of a register tile (pixels of a row, or channel vectors).  A depthwise
+# tap is one load and one FMA per vector, so the tile is bound by memory, not registers: 8,
+# with the tap's input vector and weight broadcast 10 registers, fit AVX2's 16 as well as 32.
+TILE_VECTORS = 8
+
 
 def match_grouped_conv2d(info: base.FuncInfo):
     if info is None or info.main is None:
@@ -97,7 +102,7 @@ def _schedule_channel_blocked(sch, info: base.FuncInfo, target: Target, data, we
     block = sch.get(main)
     cores = base.num_cores(target)
     x_ext = int(block.iter_vars[3].dom.extent)
-    tx = base.largest_divisor(x_ext, 8) or 1
+    tx = base.largest_divisor(x_ext, TILE_VECTORS) or 1
     post = base.inline_post(sch, info.post)
     # An input that arrives blocked (blocked.py) is unblocked by a plain copy first; inlined,
     # the padding reads it as it is.  Otherwise the padding copy (or a new copy) packs it.
@@ -226,7 +231,7 @@ def _schedule_width_vectorized(sch, info: base.FuncInfo, target: Target):
     vw = 1
     while vw * 2 <= lanes and x_ext % (vw * 2) == 0:
         vw *= 2
-    unroll = base.largest_divisor(x_ext // vw, 8)
+    unroll = base.largest_divisor(x_ext // vw, TILE_VECTORS)
     post = base.inline_post(sch, info.post)
     wb = sch.cache_write(main, 0, "local")
     n, f, y, x, rc, ry, rx = sch.get_loops(main)
