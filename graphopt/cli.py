@@ -3,7 +3,7 @@
     graphopt compile MODEL --target x86 --pipeline "fold" -o OUT
     graphopt run OUT --input x.npy [--reference MODEL]
     graphopt bench OUT
-    graphopt inspect MODEL [--pipeline ...] [--picture graph.svg] [--target x86]
+    graphopt inspect MODEL [--pipeline ...] [--picture graph.svg] [--target x86] [--support]
     graphopt passes | graphopt targets
 
 Errors graphopt raises on purpose print as one ``error:`` line (exit 2); anything else is
@@ -132,10 +132,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"\nkernels for {spec.name} and the schedule rule of each:")
         for kernel, rule in kernel_rules(lower_to_relax(graph), spec, fusion_mode(graph, None)):
             print(f"  {kernel}: {rule or '-'}")
+    unsupported = False
+    if args.support:
+        from graphopt.targets.frontend.support import format_support, graph_support
+
+        rows = graph_support(graph)
+        unsupported = any(r.status == "unsupported" for r in rows)
+        print()
+        print(format_support(rows))
     picture = args.picture or f"{name}.svg"
     graph.draw(picture)
     print(f"\npicture: {picture}")
-    return 0
+    return 1 if unsupported else 0
 
 
 def _parse_drop(text: str) -> float:
@@ -281,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--picture", metavar="FILE", help="graph picture: .svg, .png or .dot (default MODEL.svg)")
     p.add_argument("--ir", action="store_true", help="also print the graph's IR text")
     p.add_argument("--target", help="also list the kernels of a build for this target, with their schedule rules")
+    p.add_argument("--support", action="store_true",
+                   help="list every op with whether the TVM backend lowers it (exit status 1 if one is unsupported)")
     p.set_defaults(fn=cmd_inspect)
 
     p = sub.add_parser("bisect", help="find the first pass (and node) where a model's numbers leave tolerance")

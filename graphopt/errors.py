@@ -85,6 +85,15 @@ class InputError(GraphoptError, ValueError):
     """
 
 
+class IndexOutOfRangeError(GraphoptError, IndexError):
+    """A compiled module was called with an index outside the dim it indexes (a token id past
+    the end of an embedding table, a negative id where PyTorch refuses one).
+
+    Example: ``index out of range in aten.embedding.default (node 'embedding', from model.py:9):
+    every index into the embedding table's rows (size 10) must lie in [0, size)``
+    """
+
+
 class CalibrationError(InputError):
     """Calibration data does not fit the graph's inputs (tensor count, rank, shape or dtype).
 
@@ -118,3 +127,16 @@ class TuningError(GraphoptError, RuntimeError):
 
     Example: ``tuning database tune.db is not a directory of MetaSchedule JSON records``
     """
+
+
+def _register_with_tvm_ffi() -> None:
+    """Errors that compiled code raises by kind name (a TIR assert of kind
+    ``IndexOutOfRangeError``) reach Python as graphopt's class, in loaded artifacts too."""
+    try:
+        import tvm_ffi
+    except ImportError:  # no TVM: nothing compiled can raise
+        return
+    tvm_ffi.register_error(IndexOutOfRangeError.__name__, IndexOutOfRangeError)
+
+
+_register_with_tvm_ffi()

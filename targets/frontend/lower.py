@@ -56,7 +56,8 @@ except ImportError as e:  # pragma: no cover - TVM is a hard dependency
 FIX_CONVERTERS: dict[str, Callable[["GraphImporter", fx.Node], Any]] = {}
 EXTRA_CONVERTERS: dict[str, Callable[["GraphImporter", fx.Node], Any]] = {}
 # Modules that register converters; imported on first use so TVM-free code paths stay light.
-_CONVERTER_MODULES = ("graphopt.targets.frontend.converters", "graphopt.targets.frontend.quantized")
+_CONVERTER_MODULES = ("graphopt.targets.frontend.converters", "graphopt.targets.frontend.indexing",
+                      "graphopt.targets.frontend.extra_ops", "graphopt.targets.frontend.quantized")
 
 
 def register_converter(op_name: str, *, fixes_importer: bool = False):
@@ -154,6 +155,9 @@ class GraphImporter(ExportedProgramImporter):
                     "is not supported by the TVM backend")
 
     def lower(self, graph: Graph) -> tvm.IRModule:
+        from graphopt.targets.frontend.support import decompose_unsupported
+
+        graph = decompose_unsupported(graph, frozenset(self.convert_map))
         self.check_supported(graph)
         self._sym_names = _symbol_names(graph)
         params = []

@@ -1,0 +1,81 @@
+"""ATen ops TVM's importer lacks compile and match eager: by a graphopt converter (amax/amin,
+padded convolutions, var_mean) or by PyTorch's core-ATen decomposition applied to just that op
+before lowering (diff, where with a scalar)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import graphopt
+from graphopt.testing import assert_matches_eager
+
+
+def compile_and_compare(model: nn.Module, *inputs: torch.Tensor, pipeline: str = "default") -> None:
+    model = model.eval()
+    compiled = graphopt.compile(model, "x86", inputs, pipeline=pipeline)
+    assert_matches_eager(compiled(*inputs), model, inputs)
+
+
+class Diff(nn.Module):
+    def forward(self, x):
+        # the causal-mask idiom of transformers' GPT-2 / Llama code, and a plain diff
+        return torch.diff(x, dim=-1), torch.diff(x, n=2, dim=0), torch.diff(x, dim=1, prepend=x[:, :1])
+
+
+def test_diff():
+    compile_and_compare(Diff(), torch.randn(4, 6))
+
+
+class WhereScalar(nn.Module):
+    def forward(self, x):
+        positive = x > 0
+        return (torch.where(positive, x, 0.5),  # ScalarOther (T5's attention bias)
+                torch.where(positive, -1.0, x),  # ScalarSelf
+                torch.where(positive, 1.0, 0.0))  # Scalar
+
+
+def test_where_with_scalars():
+    compile_and_compare(WhereScalar(), torch.randn(3, 5))
+
+
+class AmaxAmin(nn.Module):
+    def forward(self, x):
+        return (torch.amax(x, dim=(1, 3)), torch.amin(x, dim=1, keepdim=True), torch.amax(x, dim=-1),
+                torch.amin(x, dim=[]))
+
+
+def test_amax_amin_match_eager_and_propagate_nan():
+    x = torch.randn(2, 3, 4, 5)
+    x[0, 1, 2, 3] = float("nan")
+    compile_and_compare(AmaxAmin(), x)
+
+
+def test_amax_of_integers():
+    compile_and_compare(AmaxAmin(), torch.randint(-50, 50, (2, 3, 4, 5), dtype=torch.int32))
+
+
+@pytest.mark.parametrize("padding,kernel,dilation", [("same", 3, 1), ("same", 4, 1), ("same", 3, 2),
+                                                     ("valid", 3, 1)])
+def test_conv2d_string_padding(padding, kernel, dilation):
+    model = nn.Sequential(nn.Conv2d(3, 8, kernel, padding=padding, dilation=dilation), nn.ReLU(),
+                          nn.Conv2d(8, 4, 2, padding=padding, bias=False))
+    compile_and_compare(model, torch.randn(2, 3, 12, 12))
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_conv1d_and_conv3d_string_padding(padding):
+    compile_and_compare(nn.Conv1d(3, 5, 4, padding=padding), torch.randn(2, 3, 16), pipeline="fold")
+    compile_and_compare(nn.Conv3d(2, 3, (2, 3, 3), padding=padding), torch.randn(1, 2, 5, 6, 6), pipeline="fold")
+
+
+class VarMean(nn.Module):
+    def forward(self, x):
+        var, mean = torch.var_mean(x, dim=1, keepdim=True)
+        unbiased_var, all_mean = torch.var_mean(x, dim=(0, 2), correction=0)
+        return var, mean, unbiased_var, all_mean
+
+
+def test_var_mean():
+    compile_and_compare(VarMean(), torch.randn(3, 4, 5))
