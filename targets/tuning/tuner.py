@@ -19,7 +19,7 @@ for what they still lack, so compiling the same model again — or another model
 layers — measures nothing and costs about an untuned build; a run interrupted by Ctrl-C or a
 crash resumes where its last persisted batch ended, re-measuring nothing.
 
-Seeding with graphopt's rules (issue 10). Before searching, each task that has no record yet
+Seeding with graphopt's rules. Before searching, each task that has no record yet
 gets one measurement of the schedule graphopt's own rule (targets/cpu/schedules) gives it. The
 rule's traced schedule is committed as an ordinary record, so (a) the evolutionary search
 starts from it (MetaSchedule seeds its population with the database's best records), and (b)
