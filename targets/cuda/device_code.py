@@ -12,8 +12,8 @@ libtvm_runtime_cuda.so; the LLVM ``nvptx`` target fails in this build's LLVM.)
 
 What a build can do, and does here when ``nvcc`` is on PATH: compile the generated CUDA C
 ahead of time for the target's arch. That proves the source the device will JIT compiles
-for that arch (a kernel nvcc rejects is a CompilationError now, not a load failure on the
-device), and gives the PTX, which the artifact can ship next to ``model.so``.
+for that arch (a kernel nvcc rejects is a CompilationError at build time, not a load failure
+on the device), and gives the PTX, which the artifact can ship next to ``model.so``.
 :class:`DeviceCode` records which of the two happened, for the manifest.
 """
 

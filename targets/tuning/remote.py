@@ -13,11 +13,11 @@ and ``Tune.rpc``:
   objects, which the device would have to link itself.
 
 Either runner is wrapped in ``MeasureInTurn``: a batch is timed before the search goes on.
-MetaSchedule's runners are asynchronous, so a local measurement ran while the main process
-searched the next task on the same cores, and the task scheduler only collected results
-when it came back to a task: with a few trials per task, every record of a run waited in
-memory until the last task had been searched (mobilenet_v2: 15 minutes, all lost to a
-Ctrl-C at minute 14).
+MetaSchedule's runners are asynchronous, so a local measurement would run while the main
+process searches the next task on the same cores, and the task scheduler only collects results
+when it comes back to a task: with a few trials per task, every record of a run would wait in
+memory until the last task has been searched (mobilenet_v2 at 8 trials per task: 15 minutes,
+all lost to a Ctrl-C before the end).
 
 ``LoopbackCluster`` starts a tracker and RPC servers on 127.0.0.1 — one on this machine, or
 an aarch64 one running under qemu-user in the emulated environment of targets/aarch64/emulation.py —

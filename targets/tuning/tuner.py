@@ -228,7 +228,7 @@ class _Tuner:
             _quiet_loggers()
             # Round robin, not MetaSchedule's gradient scheduler: that one collects no result
             # until it has searched every task once, so the records of a run with a few trials
-            # per task all waited in memory until its end.  Round robin collects each batch at
+            # per task would all wait in memory until its end.  Round robin collects each batch at
             # its next step (the runner returns it measured: remote.MeasureInTurn); every task
             # gets its own share of trials either way (max_trials_per_task).
             ms.tune.tune_tasks(
