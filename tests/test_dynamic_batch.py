@@ -154,3 +154,26 @@ def test_reference_models_with_the_default_pipeline_serve_every_batch(name):
     assert module.inputs[0].shape[0] == "batch"
     for batch in BATCHES:
         _assert_matches_eager(module, model, ref.example_input(batch=batch))
+
+
+def test_a_batch_outside_the_captured_range_is_an_input_error(mlp_module, tmp_path):
+    _, module = mlp_module
+    assert module.manifest["dim_ranges"] == {"batch": [1, 4096]}
+    loaded = graphopt.load(module.save(str(tmp_path / "mlp")))
+    for m in (module, loaded):
+        with pytest.raises(InputError, match=r"dimension batch is 4097, outside the range \[1, 4096\]"):
+            m(torch.randn(4097, 784))
+        with pytest.raises(InputError, match=r"dimension batch is 0, outside the range"):
+            m(torch.randn(0, 784))
+
+
+def test_a_user_dim_range_is_enforced_by_the_graph_and_the_module():
+    model = mlp()
+    rows = torch.export.Dim("rows", min=2, max=16)
+    graph = graphopt.capture(model, (torch.randn(4, 784),), dynamic_shapes=({0: rows},))
+    assert graph.dim_ranges == {"rows": (2, 16)}
+    module = graphopt.compile(graph, "x86", pipeline="fold")
+    _assert_matches_eager(module, model, torch.randn(16, 784))
+    for run in (graph, module):
+        with pytest.raises(InputError, match=r"dimension rows is 17, outside the range \[2, 16\]"):
+            run(torch.randn(17, 784))
