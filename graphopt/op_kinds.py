@@ -14,7 +14,7 @@ Kinds (a node has exactly one):
                     kernel for them outside a group;
 * ``opaque``      — everything else (pools, concatenation, ...): never fused.
 
-Quantization nodes (see passes/fusion/qdq.py): ``quantize`` is elementwise (it joins its
+Quantization nodes (see graphopt/qdq.py): ``quantize`` is elementwise (it joins its
 producer's epilogue, so that kernel writes int8); a ``dequantize`` that the integer
 lowering drops (all its users read the int8 values) is a view, any other one elementwise.
 """
@@ -37,7 +37,7 @@ ANCHORS = {aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten.linear,
 ATTENTION = {aten.scaled_dot_product_attention}
 REDUCTIONS = {aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten.layer_norm,
               aten.native_layer_norm, aten.group_norm, aten.mean, aten.sum, aten.amax, aten.rms_norm}
-# Activations the issue names, spelled as ATen ops (relu6 is hardtanh(0, 6) after export).
+# Activations, spelled as ATen ops (relu6 is hardtanh(0, 6) after export).
 ACTIVATIONS = {aten.relu, aten.relu6, aten.hardtanh, aten.gelu, aten.silu, aten.sigmoid, aten.hardswish,
                aten.hardsigmoid, aten.tanh, aten.leaky_relu, aten.elu, aten.mish}
 ARITHMETIC = {aten.add, aten.sub, aten.mul, aten.div, aten.neg, aten.exp, aten.log, aten.sqrt, aten.rsqrt,

@@ -1,6 +1,6 @@
 """What quantize/dequantize (QDQ) nodes are to fusion and to the integer lowering.
 
-The quantized graph (passes/quantize/qdq.py) wraps each conv2d / linear / matmul operand
+The quantized graph (passes/quantize/insert_qdq.py) wraps each conv2d / linear / matmul operand
 in ``dequantize(int8)``. The TVM backend (targets/frontend/quantized.py) runs such an op as one
 integer kernel that reads the int8 values directly, so a dequantize whose every user is
 lowered that way emits nothing: to fusion it is a view, not a kernel (it joins no group

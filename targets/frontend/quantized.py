@@ -1,4 +1,4 @@
-"""Lowering the QDQ graph form (passes/quantize/qdq.py) to integer compute in Relax.
+"""Lowering the QDQ graph form (passes/quantize/insert_qdq.py) to integer compute in Relax.
 
 Every conv2d / linear / matmul whose operands are ``dequantize(int8)`` becomes::
 
