@@ -14,7 +14,8 @@ before it), every ungrouped node the pattern seeds on starts a group, which the 
 grows through :class:`~graphopt.passes.fusion.groups.Grouping`. Growth is legal only when
 (networkx on the graph's own view) the group keeps one output — a value used outside the
 group never fuses — and contracting it creates no cycle. Groups that end with fewer than
-two computing ops fuse nothing and are dissolved. See passes/fusion/ for the op kinds,
+two computing ops fuse nothing and are dissolved. Ops whose value depends on no graph input
+join no group: the backend computes them while it builds. See passes/fusion/ for the op kinds,
 the invariants and the patterns.
 """
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from graphopt.graph import Graph
-from graphopt.passes.fusion.groups import Grouping, node_groups
+from graphopt.passes.fusion.groups import Grouping, compile_time_nodes, node_groups
 from graphopt.op_kinds import is_compute
 from graphopt.passes.fusion.patterns import PATTERNS
 from graphopt.passes_base import GraphPass, PassResult, option, register_pass
@@ -53,7 +54,7 @@ class Fuse(GraphPass):
         for pattern_name in sorted(self.patterns, key=PATTERN_NAMES.index):
             pattern = PATTERNS[pattern_name]
             for node in list(graph.call_nodes()):
-                if grouping.grouped(node) or not pattern.seed(node):
+                if grouping.grouped(node) or not grouping.groupable(node) or not pattern.seed(node):
                     continue
                 gid = grouping.new_group(pattern.name, node)
                 pattern.grow(grouping, gid)
@@ -80,7 +81,10 @@ class Fuse(GraphPass):
 
 
 def expected_kernels(graph: Graph) -> int:
-    """Kernels the graph says a backend runs: one per group plus one per ungrouped computing op."""
+    """Kernels the graph says a backend runs: one per group plus one per ungrouped computing op
+    (ops on constants only are computed while the backend builds: no kernel)."""
     groups = node_groups(graph)
-    loose = sum(1 for n in graph.call_nodes() if "fusion_group" not in n.meta and is_compute(n))
+    compile_time = compile_time_nodes(graph)
+    loose = sum(1 for n in graph.call_nodes()
+                if "fusion_group" not in n.meta and is_compute(n) and n not in compile_time)
     return len(groups) + loose

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import graphopt
+from graphopt.testing import assert_matches_eager
 from graphopt.passes.utils import aten
 from graphopt.pipeline import Pipeline
 
@@ -112,8 +113,8 @@ print("max abs error vs the quantized graph:", float((m(x) - reference).abs().ma
 def test_int8_conv_build_does_not_kill_the_process_fuzz_seed_7(tmp_path):
     # fuzz seed 7 (build:x86[fold,prune,quantize], isolated campaign): a quantized 1x1
     # stride-2 conv killed the process with SIGILL: the x86 target asked LLVM for
-    # sapphirerapids, which emitted AVX-VNNI this CPU lacks (fixed in targets/registry.py
-    # by the quantize work). Run in a subprocess so a regression cannot take pytest down.
+    # sapphirerapids, which emitted AVX-VNNI this CPU lacks (targets/registry.py switches off
+    # the extensions the host lacks). Run in a subprocess so a regression cannot take pytest down.
     import subprocess
     import sys
 
@@ -183,3 +184,52 @@ def test_softmax_over_a_middle_axis_after_nan_safe_maximum_fuzz_seed_7091():
     a, b = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
     module = graphopt.compile(model, "x86", (a, b))
     torch.testing.assert_close(module(a, b), model(a, b), rtol=1e-5, atol=1e-6)
+
+
+class RampAndMaskFromArange(torch.nn.Module):
+    """Values built from ``arange`` alone (no input), as transformers build position ids and masks."""
+
+    def forward(self, x):
+        ramp = x + torch.arange(x.shape[-1], dtype=x.dtype) * 0.5
+        return torch.where(torch.arange(x.shape[-1]) >= 2, torch.relu(ramp), ramp * 0.5)
+
+
+def test_ops_on_arange_alone_are_no_kernel_fuzz_seeds_13_and_21():
+    # fuzz seeds 13 and 21 (pipeline:default, found once the generator made values from no
+    # input, after HF BERT failed the same way): arange(n) had no input, so it was a kernel
+    # of its own; TVM folded that kernel function to a constant and FuseTIR stopped on a
+    # function with nothing to compute: "Check failed: (func_info_.global_name != "fused")".
+    # Ops on constants alone are computed while the backend builds: in no group, no kernel.
+    from graphopt.passes.fuse import expected_kernels
+    from graphopt.passes.fusion.groups import compile_time_nodes, node_groups
+
+    model = RampAndMaskFromArange().eval()
+    x = torch.randn(2, 3, 6)
+    graph = graphopt.optimize(model, (x,))
+    on_constants = compile_time_nodes(graph)
+    assert {aten.arange.start_step, aten.arange.default} & {n.target for n in on_constants}
+    grouped = {n for members in node_groups(graph).values() for n in members}
+    assert not grouped & on_constants
+    assert expected_kernels(graph) >= 1
+    module = graphopt.compile(model, "x86", (x,))
+    assert_matches_eager(module(x), model, (x,))
+
+
+class BandedBooleanMaskAttention(torch.nn.Module):
+    def forward(self, x):
+        b, s = x.shape[0], x.shape[1]
+        pos = torch.arange(s)
+        band = (pos[None, :] <= pos[:, None] + 1).unsqueeze(0).unsqueeze(0).expand(b, 1, s, s)
+        q = x.unsqueeze(1)
+        return F.scaled_dot_product_attention(q, q, q, attn_mask=band).squeeze(1)
+
+
+def test_boolean_attention_mask_masks_fuzz_seeds_51_and_99():
+    # fuzz seeds 51 and 99 (pipeline:default and fold): a boolean attn_mask (True: the key
+    # takes part) reached Relax's attention as an additive bias of 0/1, so masked keys still
+    # counted (error 0.41). It lowers as a bias of 0 / -inf.
+    model = BandedBooleanMaskAttention().eval()
+    x = torch.randn(2, 5, 4)
+    for pipeline in ("default", "fold"):
+        module = graphopt.compile(model, "x86", (x,), pipeline=pipeline)
+        assert_matches_eager(module(x), model, (x,))

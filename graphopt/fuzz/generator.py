@@ -14,7 +14,8 @@ without disturbing the rest of the graph.
 
 The op mix deliberately includes what our passes look for: conv+BatchNorm (fold-bn),
 eval-mode dropout, ``x * 1`` and same-shape reshapes (noop), the same op applied twice
-to one value (cse) and arithmetic on buffers alone (fold-const).
+to one value (cse), arithmetic on buffers alone (fold-const) and values built from no
+input at all (``arange`` ramps and masks, as transformers build them: no kernel may hold them).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from graphopt.fuzz.op_catalog import BINARY, NOOPS, UNARY, FuzzModel
+from graphopt.fuzz.op_catalog import BINARY, INPUT_FREE, NOOPS, UNARY, FuzzModel
 
 # Values larger than this (elements) are not created: fuzz graphs stay fast to build and run.
 MAX_ELEMENTS = 2048
@@ -170,8 +171,8 @@ class _Builder:
         r = self.rng
         family = r.choices(
             ["conv", "pool", "bn", "linear", "matmul", "unary", "binary", "concat", "split", "reshape",
-             "norm", "softmax", "attention", "reduce", "noop", "cse", "const"],
-            weights=[10, 4, 3, 8, 4, 10, 8, 4, 3, 6, 3, 3, 3, 3, 4, 2, 2])[0]
+             "norm", "softmax", "attention", "reduce", "noop", "cse", "const", "input_free"],
+            weights=[10, 4, 3, 8, 4, 10, 8, 4, 3, 6, 3, 3, 3, 3, 4, 2, 2, 2])[0]
         getattr(self, f"gen_{family}")()
 
     def gen_conv(self) -> None:
@@ -194,7 +195,7 @@ class _Builder:
             groups, cout = 1, r.randint(1, 8)
         out = self.add("conv2d", (v,), [(n, cout, ho, wo)], cout=cout, k=k, stride=stride, pad=pad,
                        groups=groups, bias=r.random() < 0.7, wseed=self.wseed())
-        if out is not None and r.random() < 0.5:  # conv -> BN: what fold-bn is for
+        if out is not None and len(self.ops) < self.max_ops and r.random() < 0.5:  # conv -> BN: what fold-bn is for
             self.add("batchnorm", (out,), [(n, cout, ho, wo)], wseed=self.wseed())
 
     def gen_bn(self) -> None:
@@ -363,6 +364,21 @@ class _Builder:
     def gen_const(self) -> None:
         v = self.pick()
         self.add("const_expr", (v,), [self.shapes[v]], wseed=self.wseed())
+
+    def gen_input_free(self) -> None:
+        r = self.rng
+        kind = r.choice(INPUT_FREE)
+        if kind == "masked_sdpa":
+            v = self.pick(lambda s: len(s) == 3)
+            if v is None:
+                kind = "arange_add"
+            else:
+                return self.add(kind, (v,), [self.shapes[v]], ahead=r.choice((0, 1, 2)))
+        v = self.pick()
+        s = self.shapes[v]
+        if kind == "arange_add":
+            return self.add(kind, (v,), [s], c=r.choice((0.5, -0.25)))
+        self.add(kind, (v,), [s], start=r.randrange(s[-1]))
 
 
 def generate(seed: int, max_ops: int = 10) -> GraphSpec:

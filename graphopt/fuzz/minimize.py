@@ -6,7 +6,9 @@ candidate is again a valid model. Greedy reductions, repeated until none applies
 1. keep a single output (the first one that still fails);
 2. *bypass* an op whose first input has the shape of its output (uses of the output read
    the input instead: the op disappears and nothing new appears);
-3. *cut* an op: its outputs become fresh model inputs, so everything upstream of it goes.
+3. *cut* an op: its outputs become fresh model inputs, so everything upstream of it goes;
+4. *truncate* at a returned op: the model returns its first input instead, so the op and
+   what only it needed go (a shape-changing op at the end, which bypass cannot remove).
 
 Ops nothing returned depends on are dropped after every step. A candidate is kept when
 the same stage still fails the same way (mismatch stays mismatch, crash stays crash).
@@ -45,6 +47,10 @@ def _candidates(spec: GraphSpec):
         inputs.update({o: spec.shapes[o] for o in op.outputs})
         if not set(op.outputs) <= set(spec.outputs) or len(spec.ops) > 1:
             yield spec.with_ops(rest, spec.outputs, inputs)
+        # truncate: a returned op's first input is returned in its place
+        if len(op.outputs) == 1 and op.outputs[0] in spec.outputs and op.inputs[0] not in spec.inputs:
+            outputs = list(dict.fromkeys(op.inputs[0] if o == op.outputs[0] else o for o in spec.outputs))
+            yield spec.with_ops(rest, outputs, spec.inputs)
 
 
 def minimize(spec: GraphSpec, still_fails: Callable[[GraphSpec], bool], max_checks: int = 200) -> GraphSpec:

@@ -5,7 +5,9 @@ a spec always gives the same weights) and interprets the op list in ``forward``.
 vocabulary: ``UNARY`` and ``BINARY`` elementwise ops, layers (conv2d incl. grouped and
 depthwise, batchnorm, linear, layernorm, multi-head attention), matmuls, pooling,
 reductions, softmax, concat/split, reshape/flatten/permute/transpose, and patterns the
-passes look for (eval dropout and other no-ops, the same op twice, buffer-only arithmetic).
+passes look for (eval dropout and other no-ops, the same op twice, buffer-only arithmetic),
+and ``INPUT_FREE`` values computed from no tensor at all (``arange``), as transformers build
+position ids and attention masks: the backend computes those while it builds.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ if TYPE_CHECKING:
 UNARY = ("relu", "gelu", "sigmoid", "tanh", "silu", "hardswish", "leaky_relu", "elu", "relu6", "neg", "abs")
 BINARY = ("add", "sub", "mul", "maximum", "minimum")
 NOOPS = ("dropout", "mul_one", "add_zero", "same_reshape", "contiguous")
+# Ops mixing ``x`` with a value built from ``arange`` alone (a ramp, a mask, a banded
+# attention mask): computed from no input, they never belong in a kernel.
+INPUT_FREE = ("arange_add", "arange_where", "masked_sdpa")
 
 
 class FuzzModel(torch.nn.Module):
@@ -130,6 +135,16 @@ def _apply(op: Op, xs: list[torch.Tensor], layer: Any) -> tuple[torch.Tensor, ..
         return (x + layer.b,)
     if k == "const_expr":  # buffer-only arithmetic: fold-const turns it into one constant
         return (x + (layer.c * 2.0 + 1.0),)
+    if k == "arange_add":  # a position ramp along the last dim
+        return (x + torch.arange(x.shape[-1], dtype=x.dtype) * p["c"],)
+    if k == "arange_where":  # a mask over the last dim from a comparison of arange
+        return (torch.where(torch.arange(x.shape[-1]) >= p["start"], x, x * 0.5),)
+    if k == "masked_sdpa":  # single-head attention under a banded boolean mask, as HF builds one
+        b, s = x.shape[0], x.shape[1]
+        pos = torch.arange(s)
+        band = (pos[None, :] <= pos[:, None] + p["ahead"]).unsqueeze(0).unsqueeze(0).expand(b, 1, s, s)
+        q = x.unsqueeze(1)
+        return (F.scaled_dot_product_attention(q, q, q, attn_mask=band).squeeze(1),)
     if k == "maxpool":
         return (F.max_pool2d(x, p["k"], p["stride"], p["pad"]),)
     if k == "avgpool":

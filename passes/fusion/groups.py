@@ -11,6 +11,11 @@ A fusion group is a set of call nodes that the backend runs as ONE kernel. Invar
    group and ``x`` outside). Checked on the networkx view with each group contracted.
 3. **At least two ops that compute.** A "group" of one kernel op (plus views) fuses nothing
    and is dissolved.
+4. **Only work done at run time.** An op whose value depends on no graph input (a mask
+   built from ``arange`` and constants, as transformers build theirs) is computed once
+   while the backend builds (TVM's FoldConstant): it is no kernel, joins no group, and
+   is emitted inline (:func:`compile_time_nodes`). A kernel made of such ops would fold
+   to a function that computes nothing, which TVM cannot turn into a PrimFunc.
 
 The record lives on the graph: ``node.meta["fusion_group"] = gid`` for every member (the
 printer, summary and picture show it), and ``graph.annotations["fusion"]`` keeps each
@@ -27,6 +32,7 @@ import torch.fx as fx
 
 from graphopt.errors import GraphInvariantError
 from graphopt.op_kinds import is_compute, kind
+from graphopt.passes.utils import is_pure
 
 
 def out_bytes(node: fx.Node) -> int:
@@ -58,11 +64,27 @@ class Group:
         return sum(out_bytes(m) for m in self.members if m is not out and is_compute(m))
 
 
+def compile_time_nodes(graph) -> set[fx.Node]:
+    """The call nodes whose value depends on no graph input: pure ops on constants only
+    (``get_attr``s, other such nodes, or nothing at all, like ``arange(16)``).
+
+    The backend evaluates them while it builds, so they are never kernels (invariant 4).
+    Random ops (``rand``) read no input either but give a new value every call: not these.
+    """
+    found: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "call_function" and is_pure(n) and all(
+                a.op == "get_attr" or a in found for a in n.all_input_nodes):
+            found.add(n)
+    return found
+
+
 class Grouping:
     """The groups of one graph being grown by the patterns; every change is checked."""
 
     def __init__(self, graph, max_group_size: int):
         self.max_group_size = max_group_size
+        self.compile_time = compile_time_nodes(graph)
         self.groups: dict[int, Group] = {}
         self.group_of: dict[fx.Node, int] = {}
         self._next_gid = 0  # never reused: a dissolved group's id must not name a new one
@@ -74,6 +96,10 @@ class Grouping:
     # ---------------------------------------------------------------- queries
     def grouped(self, node: fx.Node) -> bool:
         return node in self.group_of
+
+    def groupable(self, node: fx.Node) -> bool:
+        """Whether ``node`` may be in a group at all: an op run at run time (invariant 4)."""
+        return node.op == "call_function" and kind(node) != "opaque" and node not in self.compile_time
 
     def _creates_cycle(self, gid: int, node: fx.Node) -> bool:
         """Would merging ``node`` into group ``gid`` make the contracted graph cyclic?
@@ -97,7 +123,7 @@ class Grouping:
 
     def can_add(self, gid: int, node: fx.Node) -> bool:
         """Whether ``node`` may join group ``gid`` keeping invariants 1 and 2 (see module doc)."""
-        if node.op != "call_function" or self.grouped(node) or kind(node) == "opaque":
+        if self.grouped(node) or not self.groupable(node):
             return False
         group = self.groups[gid]
         if is_compute(node) and group.compute_size() >= self.max_group_size:

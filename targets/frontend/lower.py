@@ -401,23 +401,28 @@ def kernel_partition(graph: Graph) -> dict[fx.Node, Kernel]:
 
     Groups are checked first (a pass after ``fuse`` may have broken one): GraphInvariantError.
     """
-    from graphopt.passes.fusion.groups import validate_groups
+    from graphopt.passes.fusion.groups import compile_time_nodes, validate_groups
     from graphopt.op_kinds import is_compute
     from graphopt.printer import op_name
 
     groups = validate_groups(graph)
     if not groups:
         return {}
+    # Ops on constants only are emitted inline in ``main``, where the build's FoldConstant
+    # evaluates them: inside a kernel function they would fold away and leave a function
+    # that computes nothing, which FuseTIR cannot make a PrimFunc of. They feed a group's
+    # function as a parameter (a group's output is such an op only if all its members are).
+    inline = compile_time_nodes(graph)
     partition: dict[fx.Node, Kernel] = {}
     for gid, members in groups.items():
-        members = [m for m in members if not is_size_value(m)]  # sizes are emitted inline
+        members = [m for m in members if not is_size_value(m) and m not in inline]  # sizes are emitted inline
         if not members:
             continue
         ops = [op_name(m).split(".")[0] for m in members if is_compute(m)]
         kernel = Kernel(f"group{gid}_" + "_".join(ops)[:48], members, gid)
         partition.update((m, kernel) for m in members)
     for n in graph.call_nodes():
-        if n not in partition and is_compute(n) and not is_size_value(n):
+        if n not in partition and is_compute(n) and not is_size_value(n) and n not in inline:
             partition[n] = Kernel(f"op_{n.name}", [n], -1)
     return partition
 
@@ -461,6 +466,10 @@ def _sdpa(importer: GraphImporter, node: fx.Node) -> relax.Expr:
 
     q4, k4, v4 = (to_relax(importer.env[a]) for a in node.args[:3])
     bias = importer.env[mask] if mask is not None else None
+    if bias is not None and bias.ty.dtype == "bool":
+        # a boolean mask says which keys take part; Relax's bias is added to the scores
+        dtype = q.ty.dtype
+        bias = bb.emit(relax.op.where(bias, relax.const(0.0, dtype), relax.const(float("-inf"), dtype)))
     out = bb.emit(relax.op.nn.attention(q4, k4, v4, bias=bias, scale=None if scale is None else float(scale),
                                         causal_mask="TopLeft" if causal else None))
     if rank == 4:
