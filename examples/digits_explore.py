@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from graphopt.explore import explore
-from graphopt.explore.search import build_candidate, candidate_of, make_metric
+from graphopt.exploration import explore
+from graphopt.exploration.search import build_candidate, candidate_of, make_metric
 from graphopt.models import digits_cnn, load_digits_split, train_digits
 
 

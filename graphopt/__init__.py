@@ -16,6 +16,7 @@ from graphopt.artifact import CompiledModule, load  # noqa: E402
 from graphopt.bisect import bisect  # noqa: E402
 from graphopt.calibrate import calibrate  # noqa: E402
 from graphopt.capture import capture  # noqa: E402
+from graphopt.exploration import explore  # noqa: E402
 from graphopt.finetune import finetune  # noqa: E402
 from graphopt.graph import Graph  # noqa: E402
 from graphopt.summary import GraphSummary  # noqa: E402
@@ -23,6 +24,6 @@ from graphopt.passes_base import GraphPass, PassResult, option, register_pass  #
 from graphopt.pipeline import Pipeline  # noqa: E402
 from graphopt.targets.tuning.tuner import RPC, Tune  # noqa: E402
 
-__all__ = ["capture", "optimize", "compile", "load", "calibrate", "finetune", "bisect", "Tune", "RPC", "Graph",
+__all__ = ["capture", "optimize", "compile", "load", "calibrate", "finetune", "bisect", "explore", "Tune", "RPC", "Graph",
            "GraphSummary", "Pipeline", "GraphPass", "PassResult", "option", "register_pass", "CompiledModule",
            "errors", "__version__"]

@@ -176,7 +176,7 @@ def _explore_data(spec: str, example):
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
-    from graphopt.explore import explore
+    from graphopt.exploration import explore
     from graphopt.model_spec import load_model
 
     model, inputs, name = load_model(args.model, args.input_shape)

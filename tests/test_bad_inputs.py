@@ -23,6 +23,7 @@ import torch
 import graphopt
 from graphopt.errors import (ArtifactError, CalibrationError, CaptureError, GraphoptError, InputError, PassError, PassOptionError,
                              PipelineError, TargetError, ToolchainError, UnsupportedOpError)
+from graphopt.targets.aarch64 import toolchain
 from graphopt.testing import assert_matches_eager
 
 
@@ -129,6 +130,8 @@ def _stray_manifest(c: Ctx) -> str:
 
 def _save_arm_without_toolchain(c: Ctx, monkeypatch) -> None:
     arm = graphopt.compile(Small().eval(), "arm64", (X,))
+    # neither linker: no ziglang wheel and no GNU cross compiler on PATH
+    monkeypatch.setattr(toolchain, "find_zig", lambda: None)
     monkeypatch.setenv("PATH", os.path.join(c.tmp, "empty-bin"))
     arm.save(os.path.join(c.tmp, "arm"))
 
@@ -244,7 +247,9 @@ CATALOGUE: list[tuple[str, Callable[[Ctx, Any], Any], type, type, str]] = [
      ArtifactError, OSError, r"names library '\.\./small/model\.so': it must be a plain file name inside the "
      r"artifact folder"),
     ("missing_cross_toolchain", _save_arm_without_toolchain,
-     ToolchainError, RuntimeError, r"`aarch64-linux-gnu-g\+\+` is not on PATH.*apt-get install"),
+     ToolchainError, RuntimeError,
+     r"the `ziglang` package is not installed and the .* cross compiler `aarch64-linux-gnu-g\+\+` is not on PATH. "
+     r"Install either with: pip install ziglang, or: apt-get install"),
 ]
 
 

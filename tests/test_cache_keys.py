@@ -18,7 +18,7 @@ import shutil
 import pytest
 import torch
 
-from graphopt.explore import Candidate, explore
+from graphopt.exploration import Candidate, explore
 
 
 def _model() -> torch.nn.Module:

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from graphopt.explore import Candidate, explore
-from graphopt.explore.search import build_candidate, candidate_of, make_metric, pareto_front, CandidateResult
+from graphopt.exploration import Candidate, explore
+from graphopt.exploration.search import build_candidate, candidate_of, make_metric, pareto_front, CandidateResult
 from graphopt.models import digits_mlp, load_digits_split, train_digits
 
 
@@ -62,3 +62,10 @@ def test_missing_passes_are_reported_not_fatal(tmp_path):
     result = explore(model, (x[:1],), "x86", evaluate=(x, y), candidates=[Candidate("bad", "fold,nosuch")],
                      cache_dir=str(tmp_path), progress=False)
     assert result.candidates[0].error == "pass not available: nosuch" and result.chosen is None
+
+
+def test_explore_is_callable_from_the_top_level():
+    import graphopt
+    import graphopt.exploration.search  # noqa: F401 - importing the package's modules must not shadow it
+
+    assert graphopt.explore is explore and callable(graphopt.explore)

@@ -367,7 +367,7 @@ def explore(model: torch.nn.Module, example_inputs: Any, target: Any = "x86", ev
     pareto_front(results)
     result = ExploreResult(spec.name, baseline, max_accuracy_drop, results, choose(results, max_accuracy_drop))
     if report_dir:
-        from graphopt.explore.report import write_report
+        from graphopt.exploration.report import write_report
 
         result.report = write_report(result, report_dir)
     return result

@@ -12,7 +12,7 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the result type only; search.py calls write_report
-    from graphopt.explore.search import ExploreResult
+    from graphopt.exploration.search import ExploreResult
 
 
 def write_report(result: ExploreResult, folder: str) -> str:
