@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 import graphopt  # noqa: E402
 import peers  # noqa: E402
-from common import THREADS, interleaved_medians, set_threads, table  # noqa: E402
+from common import THREADS, host_banner, interleaved_medians, set_threads, table  # noqa: E402
 from graphopt.models import REFERENCE_MODELS  # noqa: E402
 from graphopt.testing import assert_matches_eager  # noqa: E402
 
@@ -43,14 +43,14 @@ def nominal_peak_gflops() -> tuple[float, str]:
     return THREADS * flop_per_cycle * mhz / 1e3, f"{THREADS} x {flop_per_cycle} flop/cycle x {mhz / 1e3:.2f} GHz"
 
 
-def bench(name: str, batch: int, pipeline: str, folder: str) -> list[object]:
+def bench(name: str, batch: int, pipeline: str, folder: str, target: str) -> list[object]:
     ref = REFERENCE_MODELS[name]
     model = ref.build().eval()
     example = ref.example_input()
     x = example.expand(batch, *example.shape[1:]).contiguous() if batch != example.shape[0] else example
     x = x + 0.01 * torch.randn_like(x)
     t = time.perf_counter()
-    module = graphopt.compile(model, "x86", (x,), pipeline)
+    module = graphopt.compile(model, target, (x,), pipeline)
     compile_s = time.perf_counter() - t
     assert_matches_eager(module(x), model, (x,))
     runners = {"graphopt": lambda: module(x), "eager": peers.eager(model, x)}
@@ -77,17 +77,19 @@ def main() -> None:
     ap.add_argument("--models", default="mlp,cnn,resnet18,mobilenet_v2,transformer")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--pipeline", default="default")
+    ap.add_argument("--target", default="x86", help="an x86 preset, e.g. x86-avx2 to measure the AVX2 tier here")
     args = ap.parse_args()
     set_threads()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
             for batch in (int(b) for b in args.batches.split(",")):
-                rows.append(bench(name, batch, args.pipeline, folder))
+                rows.append(bench(name, batch, args.pipeline, folder, args.target))
                 print(f"{name} batch {batch}: done", file=sys.stderr, flush=True)
     peak, how = nominal_peak_gflops()
     gemm = peers.gemm_gflops()
-    print(f"\ngraphopt {graphopt.__version__}, pipeline '{args.pipeline}', target x86 (untuned), {THREADS} threads; "
+    print(f"\n{host_banner(args.target)}")
+    print(f"graphopt {graphopt.__version__}, pipeline '{args.pipeline}', target {args.target} (untuned), {THREADS} threads; "
           f"latencies in ms, best of 3 interleaved medians; ratios > 1 mean graphopt is faster\n")
     print(table(["model", "batch", "compile s", "graphopt", "eager", "torch.compile", "ORT",
                  "vs eager", "vs torch.compile", "vs ORT", "vs best peer", "GFLOP/s"], rows))

@@ -28,11 +28,14 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import host_banner  # noqa: E402
+
 MODES = ("none", "tvm", "graph")
 MODELS = ("mlp", "cnn", "resnet18", "mobilenet_v2", "transformer")
 
 
-def measure(name: str, repeat: int) -> dict[str, dict[str, float]]:
+def measure(name: str, repeat: int, target: str) -> dict[str, dict[str, float]]:
     import tvm
     from tvm import relax
 
@@ -47,7 +50,7 @@ def measure(name: str, repeat: int) -> dict[str, dict[str, float]]:
     model, x = ref.build(), ref.example_input()
     graph = graphopt.optimize(model, (x,), "fold,fuse")
     mod = lower_to_relax(graph)
-    spec = resolve_target("x86")
+    spec = resolve_target(target)
     out_bytes = sum(int(np.prod(s.shape)) * torch.empty(0, dtype=getattr(torch, s.dtype)).element_size()
                     for s in graph.output_specs)
     expected = torch.as_tensor(model(x)).detach().numpy()
@@ -81,9 +84,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--target", default="x86", help="a CPU preset, e.g. x86-avx2")
     args = ap.parse_args()
-    results = {name: measure(name, args.repeat) for name in args.models.split(",")}
-    print(f"fusion A/B, x86, TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, median of {args.repeat}; "
+    results = {name: measure(name, args.repeat, args.target) for name in args.models.split(",")}
+    print(host_banner(args.target))
+    print(f"fusion A/B, {args.target}, TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}, median of {args.repeat}; "
           "ratios vs TVM's fusion (kernels, bytes: lower is better; speedup: higher is better)\n")
     print("| model | kernels none / tvm / fuse | intermediate MiB none / tvm / fuse "
           "| latency ms none / tvm / fuse | fuse kernels vs tvm | fuse bytes vs tvm | fuse speedup vs tvm "

@@ -22,12 +22,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import THREADS, table  # noqa: E402
+from common import THREADS, host_banner, table  # noqa: E402
 
 RUNTIMES = ("graphopt", "ort")
 
 
-def measure(runtime: str, model_name: str, batch: int, runs: int) -> dict[str, float]:
+def measure(runtime: str, model_name: str, batch: int, runs: int, target: str) -> dict[str, float]:
     """Runs in the child process: build ``runtime``'s runner, time ``runs`` calls."""
     import peers
     from common import set_threads
@@ -40,7 +40,7 @@ def measure(runtime: str, model_name: str, batch: int, runs: int) -> dict[str, f
     if runtime == "graphopt":
         import graphopt
 
-        module = graphopt.compile(model, "x86", (x,))
+        module = graphopt.compile(model, target, (x,))
         run = lambda: module(x)  # noqa: E731
     else:
         run = peers.onnx_runtime(model, x, tempfile.mkdtemp())
@@ -61,22 +61,25 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=60)
+    ap.add_argument("--target", default="x86", help="graphopt's target preset, e.g. x86-avx2")
     ap.add_argument("--child", choices=RUNTIMES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.model, args.batch, args.runs)))
+        print(json.dumps(measure(args.child, args.model, args.batch, args.runs, args.target)))
         return
     rows = []
     for r in range(1, args.rounds + 1):
         ms = {}
         for runtime in RUNTIMES:
             out = subprocess.run([sys.executable, __file__, args.model, "--batch", str(args.batch), "--runs",
-                                  str(args.runs), "--child", runtime], check=True, capture_output=True, text=True)
+                                  str(args.runs), "--target", args.target, "--child", runtime], check=True, capture_output=True, text=True)
             ms[runtime] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"round {r} {runtime}: {ms[runtime]}", file=sys.stderr, flush=True)
         rows.append([r, ms["graphopt"]["min"], ms["graphopt"]["median"], ms["ort"]["min"], ms["ort"]["median"],
                      f"{ms['graphopt']['median'] / ms['ort']['median']:.2f}"])
-    print(f"\n{args.model}, batch {args.batch}, {THREADS} threads, {args.runs} calls per process (ms)\n")
+    print(f"\n{host_banner(args.target)}")
+    print(f"{args.model}, batch {args.batch}, graphopt target {args.target}, {THREADS} threads, "
+          f"{args.runs} calls per process (ms)\n")
     print(table(["round", "graphopt min", "graphopt median", "ORT min", "ORT median", "graphopt / ORT (medians)"],
                 rows))
 

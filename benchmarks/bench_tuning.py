@@ -29,56 +29,55 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
-from common import interleaved_medians, set_threads, table  # noqa: E402
+from common import host_banner, interleaved_medians, set_threads, table  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt.models import REFERENCE_MODELS  # noqa: E402
+from graphopt.testing import assert_matches_eager, max_abs  # noqa: E402
 from graphopt.targets.tuning.tuner import Tune  # noqa: E402
 
 MODELS = ("mlp", "cnn", "resnet18", "mobilenet_v2", "transformer")
 
 
-def count_tasks(model, x) -> int:
+def count_tasks(model, x, target: str) -> int:
     """Tasks MetaSchedule would tune (a zero-trial tune only extracts them)."""
     with tempfile.TemporaryDirectory() as db:
         tune = Tune(trials=0, db=db, progress=False)
-        graphopt.compile(model, "x86", (x,), tune=tune)
+        graphopt.compile(model, target, (x,), tune=tune)
         return tune.log.tasks
 
 
 def check(module, model, x) -> float:
+    """The build against eager on the fp32 rung (graphopt.testing); returns the max abs error."""
     with torch.no_grad():
         ref = model(x)
     out = module(x)
-    err = float((out - ref).abs().max())
-    scale = max(float(ref.abs().max()), 1.0)
-    if err > 1e-5 * scale + 1e-4 * scale:
-        raise AssertionError(f"compiled output differs from eager by {err:.3g} (scale {scale:.3g})")
-    return err
+    assert_matches_eager(out, model, (x,))
+    return max_abs(ref, out)
 
 
 def bench(name: str, args) -> dict:
     ref = REFERENCE_MODELS[name]
     model, x = ref.build(), ref.example_input()
     row: dict = {"model": name}
-    graphopt.compile(model, "x86", (x,))  # warm-up: first-use imports would count as build time
+    graphopt.compile(model, args.target, (x,))  # warm-up: first-use imports would count as build time
     t = time.perf_counter()
-    untuned = graphopt.compile(model, "x86", (x,))
+    untuned = graphopt.compile(model, args.target, (x,))
     row["untuned build s"] = time.perf_counter() - t
     check(untuned, model, x)
-    tasks = count_tasks(model, x)
+    tasks = count_tasks(model, x, args.target)
     tune = Tune(trials=args.trials_per_task * tasks, db=args.db)
     t = time.perf_counter()
-    tuned = graphopt.compile(model, "x86", (x,), tune=tune)
+    tuned = graphopt.compile(model, args.target, (x,), tune=tune)
     row["tuning s"] = time.perf_counter() - t
     row["tasks"], row["trials"], row["measured"] = tasks, args.trials_per_task * tasks, tune.log.measured
     check(tuned, model, x)
     again = Tune(trials=args.trials_per_task * tasks, db=args.db, progress=False)
     t = time.perf_counter()
-    graphopt.compile(model, "x86", (x,), tune=again)
+    graphopt.compile(model, args.target, (x,), tune=again)
     row["2nd compile s"] = time.perf_counter() - t
     row["2nd measured"] = again.log.measured
 
@@ -105,12 +104,14 @@ def main(argv=None) -> int:
     p.add_argument("--trials-per-task", type=int, default=32)
     p.add_argument("--db", default="bench-tuning-db")
     p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--target", default="x86", help="an x86 preset, e.g. x86-avx2")
     args = p.parse_args(argv)
     set_threads()
     rows = [bench(name, args) for name in args.models.split(",")]
     headers = ["model", "tasks", "trials", "measured", "tuning s", "untuned build s", "2nd compile s",
                "2nd measured", "eager ms", "torch.compile ms", "torch.compile mode", "ORT ms", "untuned ms",
                "tuned ms"]
+    print(host_banner(args.target))
     print(table(headers, [[r[h] for h in headers] for r in rows]))
     print()
     ratio_headers = ["model", "tuned vs untuned", "tuned vs eager", "tuned vs torch.compile", "tuned vs ORT",

@@ -48,3 +48,32 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def cpu_model_name() -> str:
+    """The host CPU's marketing name, from /proc/cpuinfo (``model name`` on x86)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def host_banner(target: str = "x86") -> str:
+    """One line naming the host CPU, its vector ISA tier and the target the tables were built for;
+    printed above every table, since numbers mean little without the machine they came from."""
+    from graphopt.targets.registry import resolve_target, vector_isa
+
+    host = vector_isa("x86" if os.uname().machine == "x86_64" else "arm64")
+    spec = resolve_target(target)
+    line = f"host: {cpu_model_name()}, {os.cpu_count()} cores, ISA tier {host}"
+    if spec.is_cpu:
+        line += f"; target {spec.name}: {vector_isa(spec)}"
+    else:
+        line += f"; target {spec.name}"
+    return line

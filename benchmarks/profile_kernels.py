@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 from collections import Counter
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
@@ -33,6 +34,9 @@ from graphopt.targets.cpu.schedules import rule_of  # noqa: E402
 from graphopt.targets.frontend.lower import lower_to_relax  # noqa: E402
 from graphopt.targets.registry import resolve_target  # noqa: E402
 from graphopt.timing import time_calls  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import host_banner  # noqa: E402
 
 
 def random_args(func: tvm.tirx.PrimFunc, dev) -> list:
@@ -99,6 +103,7 @@ def main() -> None:
     module = graphopt.compile(model, args.target, (x,), args.pipeline, fusion=fusion)
     end_to_end = statistics.median(time_calls(lambda: module(x), runs=50, warmup=5)) * 1e3
 
+    print(host_banner(args.target))
     print(f"### {args.model}, batch {args.batch}, pipeline '{args.pipeline}', fusion {fusion}, "
           f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}\n")
     print(f"{len(order)} launches of {len(counts)} kernels; sum of kernels {total:.3f} ms, "
