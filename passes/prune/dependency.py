@@ -43,28 +43,63 @@ class ChannelGroup:
     layers: list[str]  # the layers whose output channels these units are
     channels: int  # producer output channels the units cover (a head counts 3 x head_dim)
     slices: list[ParamSlice] = field(default_factory=list, repr=False)
+    unit_channels: list[int] = field(default_factory=list, repr=False)  # per unit, like ``channels``
+
+
+@dataclass
+class FrozenGroup:
+    """Producer channels that no pruning may remove, coupled as pruning would have coupled
+    them, and why they are frozen."""
+
+    layers: list[str]
+    channels: int
+    reasons: list[str]
 
 
 class _UnionFind:
-    """Array union-find over unit ids; FROZEN always stays a root so frozen-ness is cheap."""
+    """Array union-find over unit ids; FROZEN always stays a root so frozen-ness is cheap.
+
+    A second, *shadow* union-find records the same unions except those with FROZEN, and
+    the reasons units were frozen: its classes are the groups pruning would have had, so
+    the prune report can list each group kept whole with why.
+    """
 
     def __init__(self):
         self.parent = [FROZEN]
+        self.shadow = [FROZEN]
+        self.reasons: dict[int, list[str]] = {}  # shadow root -> why its units are frozen
 
     def add(self, n: int) -> torch.Tensor:
         start = len(self.parent)
         self.parent.extend(range(start, start + n))
+        self.shadow.extend(range(start, start + n))
         return torch.arange(start, start + n, dtype=torch.long)
 
-    def find(self, x: int) -> int:
+    @staticmethod
+    def _find(parent: list[int], x: int) -> int:
         root = x
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[x] != root:
-            self.parent[x], x = root, self.parent[x]
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:
+            parent[x], x = root, parent[x]
         return root
 
-    def union(self, a: int, b: int) -> bool:
+    def find(self, x: int) -> int:
+        return self._find(self.parent, x)
+
+    def union(self, a: int, b: int, reason: str = "coupled to a fixed-width tensor (graph input or constant)") -> bool:
+        if a != FROZEN and b != FROZEN:
+            sa, sb = self._find(self.shadow, a), self._find(self.shadow, b)
+            if sa != sb:
+                sa, sb = min(sa, sb), max(sa, sb)
+                self.shadow[sb] = sa
+                if sb in self.reasons:
+                    self.reasons.setdefault(sa, []).extend(self.reasons.pop(sb))
+        elif a != b:
+            s = self._find(self.shadow, a if b == FROZEN else b)
+            why = self.reasons.setdefault(s, [])
+            if reason not in why and len(why) < 8:
+                why.append(reason)
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return False
@@ -75,6 +110,9 @@ class _UnionFind:
 
     def roots(self) -> torch.Tensor:
         return torch.tensor([self.find(i) for i in range(len(self.parent))], dtype=torch.long)
+
+    def shadow_roots(self) -> torch.Tensor:
+        return torch.tensor([self._find(self.shadow, i) for i in range(len(self.shadow))], dtype=torch.long)
 
 
 def concrete_shapes(graph: Graph) -> dict[fx.Node, object]:
@@ -135,8 +173,30 @@ class ChannelDependencyGraph:
         self.depthwise = prop.depthwise
         self.unknown_ops = prop.unknown_ops
         self._make_rectangular()
+        self._regroup()
+
+    def _regroup(self) -> None:
         self.root_of = self._frozen_normalized_roots()
         self.groups = self._find_groups()
+        self.frozen_groups = self._find_frozen_groups()
+
+    def freeze_units(self, units: list[int], reason: str) -> None:
+        """Make ``units`` unprunable after the analysis (e.g. a constant they would slice two ways)."""
+        for u in units:
+            self._uf.union(u, FROZEN, reason)
+        self._regroup()
+
+    def conflicting_slices(self) -> list[list[ParamSlice]]:
+        """Slices of one constant along one axis that disagree on which unit owns an index."""
+        by_axis: dict[tuple[str, int], list[ParamSlice]] = {}
+        for s in self.slices:
+            by_axis.setdefault((s.node.target, s.axis), []).append(s)
+        out = []
+        for slices in by_axis.values():
+            first = self.root_of[slices[0].labels]
+            if any(not torch.equal(self.root_of[s.labels], first) for s in slices[1:]):
+                out.append(slices)
+        return out
 
     def is_excluded(self, layer: str) -> bool:
         return any(layer == name or layer.startswith(name + ".") for name in self.exclude)
@@ -162,14 +222,14 @@ class ChannelDependencyGraph:
                 axes = varying_axes(t)
                 if not axes:
                     unit = int(t.reshape(-1)[0]) if t.numel() else FROZEN
-                    changed |= self._uf.union(unit, FROZEN)
+                    changed |= self._uf.union(unit, FROZEN, f"the whole of {node.name} is one unit")
                     continue
                 if len(axes) > 1:
                     keep = max(axes, key=lambda d: (len(torch.unique(_along(t, d))), d))
                     rows = t.movedim(keep, 0).reshape(t.shape[keep], -1)
                     for row in rows:
                         for u in torch.unique(row).tolist():
-                            changed |= self._uf.union(int(row[0]), u)
+                            changed |= self._uf.union(int(row[0]), u, f"{node.name} mixes channels with other axes")
                 changed |= self._index_constraints(node, roots)
 
     def _index_constraints(self, node: fx.Node, roots: torch.Tensor) -> bool:
@@ -189,7 +249,7 @@ class ChannelDependencyGraph:
         picked = t if is_op(node, aten.slice) else t.select(dim, node.args[2])
         changed = False
         for u in torch.unique(picked).tolist():
-            changed |= self._uf.union(u, FROZEN)
+            changed |= self._uf.union(u, FROZEN, f"indexed by {node.name}")
         return changed
 
     def _compressed_roots(self, raw: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
@@ -218,11 +278,30 @@ class ChannelDependencyGraph:
             units = sorted(u for kind, u in comp if kind == "unit")
             layers = sorted(layer_name(n) for kind, n in comp if kind == "layer")
             slices = list({id(s): s for u in units for s in by_unit.get(u, [])}.values())
-            groups.append(ChannelGroup(0, units, layers, sum(channels[u] for u in units), slices))
+            groups.append(ChannelGroup(0, units, layers, sum(channels[u] for u in units), slices,
+                                       [channels[u] for u in units]))
         groups.sort(key=lambda gr: gr.units[0])
         for i, gr in enumerate(groups):
             gr.index = i
         return groups
+
+    def _find_frozen_groups(self) -> list[FrozenGroup]:
+        """Frozen producer channels, in the classes of the shadow union-find (see _UnionFind),
+        joined per layer like :meth:`_find_groups` joins units."""
+        shadow = self._uf.shadow_roots()
+        g = nx.Graph()
+        channels: dict[int, int] = {}
+        for node, units in self.producers.items():
+            for cls in shadow[units[self.root_of[units] == FROZEN]].tolist():
+                g.add_edge(("layer", node), ("class", cls))
+                channels[cls] = channels.get(cls, 0) + 1
+        groups = []
+        for comp in nx.connected_components(g):
+            classes = sorted(c for kind, c in comp if kind == "class")
+            reasons = list(dict.fromkeys(r for c in classes for r in self._uf.reasons.get(c, ["unknown"])))
+            groups.append(FrozenGroup(sorted(layer_name(n) for kind, n in comp if kind == "layer"),
+                                      sum(channels[c] for c in classes), reasons[:6]))
+        return sorted(groups, key=lambda gr: gr.layers)
 
     def to_networkx(self) -> nx.Graph:
         """Layers and the constants they share units with, one node per layer/constant."""

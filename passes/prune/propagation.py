@@ -46,6 +46,7 @@ class ParamSlice:
     labels: torch.Tensor  # 1-D raw unit ids, one per index along ``axis``
     role: str  # weight | bias | norm_scale | norm_shift | stat | operand | mask
     layer: str
+    user: fx.Node | None = None  # the op reading the constant (a shared constant has several)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ DATA_MOVEMENT = (aten.view, aten._unsafe_view, aten.reshape, aten.permute, aten.
                  aten.detach, aten.lift_fresh_copy, aten.repeat)
 _IDENTITY = (aten.alias, aten.contiguous, aten.clone, aten.detach, aten.lift_fresh_copy)
 _PASS_THROUGH = (aten._to_copy, aten.dropout, aten.native_dropout, aten.to)
+# Elementwise ops torch does not tag ``pointwise``.
+_UNTAGGED_ELEMENTWISE = (aten.hardswish, aten.hardswish_, aten.mul, aten.div, aten.add, aten.sub)
 _POOLS = (aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.max_pool2d_with_indices,
           aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d, aten.adaptive_avg_pool1d,
           aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d, aten.adaptive_avg_pool3d,
@@ -103,7 +106,7 @@ def varying_axes(t: torch.Tensor) -> list[int]:
 class Propagator:
     """Walks the graph once; ``unite(a, b)``/``fresh(n)`` come from the dependency graph."""
 
-    def __init__(self, shapes: dict[fx.Node, Any], unite: Callable[[int, int], None],
+    def __init__(self, shapes: dict[fx.Node, Any], unite: Callable[..., bool],
                  fresh: Callable[[int], torch.Tensor], layer_of: Callable[[fx.Node], str],
                  excluded: Callable[[fx.Node], bool]):
         self.shapes = shapes
@@ -116,12 +119,14 @@ class Propagator:
         self.producers: dict[fx.Node, torch.Tensor] = {}  # conv/linear -> its fresh units
         self.depthwise: set[fx.Node] = set()
         self.unknown_ops: dict[str, int] = {}
+        self.current: fx.Node | None = None
 
     # ------------------------------------------------------------ helpers
-    def freeze(self, labels: Any) -> None:
+    def freeze(self, labels: Any, reason: str) -> None:
+        """Make the units in ``labels`` unprunable; ``reason`` goes into the prune report."""
         for u in torch.unique(labels).tolist() if isinstance(labels, torch.Tensor) else ():
             if u != FROZEN:
-                self.unite(u, FROZEN)
+                self.unite(u, FROZEN, f"{reason} ({self.current.name})" if self.current is not None else reason)
 
     def unite_many(self, a: torch.Tensor, b: torch.Tensor) -> None:
         pairs = torch.unique(torch.stack([a.reshape(-1), b.reshape(-1)], 1), dim=0)
@@ -147,7 +152,7 @@ class Propagator:
 
     def record(self, const: Any, axis: int, labels: torch.Tensor, role: str, layer: str) -> None:
         if isinstance(const, ConstRef):
-            self.slices.append(ParamSlice(const.node, axis, labels, role, layer))
+            self.slices.append(ParamSlice(const.node, axis, labels, role, layer, self.current))
 
     def labels_of(self, value: Any) -> torch.Tensor | None:
         if isinstance(value, ConstRef):
@@ -171,9 +176,11 @@ class Propagator:
             elif node.op == "get_attr":
                 self.env[node] = ConstRef(node, tuple(self.shapes[node]))
             elif node.op == "output":
+                self.current = None
                 fx.node.map_aggregate(fx.node.map_arg(node.args, lambda n: self.env[n]),
-                                      lambda v: self.freeze(self.labels_of(v)))
+                                      lambda v: self.freeze(self.labels_of(v), "reaches a graph output"))
             else:
+                self.current = node
                 self.env[node] = self.visit(node)
 
     def visit(self, node: fx.Node) -> Any:
@@ -203,7 +210,8 @@ class Propagator:
             return self.reduce(node, args, kwargs)
         if is_op(node, *_SOFTMAX):
             return self.softmax(node, args)
-        if is_op(node, *_PASS_THROUGH) or torch.Tag.pointwise in getattr(node.target, "tags", ()):
+        if is_op(node, *_PASS_THROUGH, *_UNTAGGED_ELEMENTWISE) or \
+                torch.Tag.pointwise in getattr(node.target, "tags", ()):
             return self.pointwise(node, args, kwargs)
         return self.unknown(node, args, kwargs)
 
@@ -222,7 +230,7 @@ class Propagator:
         layer = self.layer_of(node)
         cin = self.slice_units(x, 1)
         if self.excluded(node):
-            self.freeze(cin)
+            self.freeze(cin, "excluded layer")
             return self.zeros_like_output(node)
         c_out, c_in = w.shape[0], x.shape[1]
         if groups == 1:
@@ -254,7 +262,7 @@ class Propagator:
         layer = self.layer_of(node)
         cin = self.slice_units(x, x.dim() - 1)
         if self.excluded(node):
-            self.freeze(cin)
+            self.freeze(cin, "excluded layer")
             return self.zeros_like_output(node)
         self.record(w, 1, cin, "weight", layer)
         out = self.fresh(w.shape[0])
@@ -273,7 +281,7 @@ class Propagator:
             if isinstance(p, ConstRef):
                 self.record(p, 0, channels, role, layer)
             elif p is not None:
-                self.freeze(channels)
+                self.freeze(channels, "batch norm with computed parameters")
         if is_op(node, aten.batch_norm):
             return x
         return (x, None, None)
@@ -293,7 +301,7 @@ class Propagator:
         shape = self.shapes[node]
         if q.dim() < 3 or not (q.shape[-3] == k.shape[-3] == v.shape[-3]):
             for t in (q, k, v):
-                self.freeze(t)
+                self.freeze(t, "attention without a head axis")
             return self.zeros_like_output(node)
         heads = [self.slice_units(t, t.dim() - 3) for t in (q, k, v)]
         self.unite_many(heads[0], heads[1])
@@ -302,7 +310,7 @@ class Propagator:
         if isinstance(mask, ConstRef) and len(mask.shape) >= 3 and mask.shape[-3] > 1:
             self.record(mask, len(mask.shape) - 3, heads[0], "mask", self.layer_of(node))
         elif isinstance(mask, torch.Tensor):
-            self.freeze(mask)
+            self.freeze(mask, "computed attention mask")
         return heads[0].reshape(-1, 1, 1).expand(shape)
 
     # -------------------------------------------------------- structural
@@ -320,7 +328,7 @@ class Propagator:
         """Pooling and resampling keep axes 0 and 1 and mix only along spatial axes."""
         x = self.labels_of(args[0])
         if any(d >= 2 for d in varying_axes(x)):
-            self.freeze(x)
+            self.freeze(x, "pooled along an axis that carries channels")
         shape = self.shapes[node]
         shape = shape[0] if isinstance(shape[0], tuple) else shape
         out = x.narrow(0, 0, 1)
@@ -335,7 +343,7 @@ class Propagator:
         dims = sorted(d % x.dim() for d in dims) if dims else list(range(x.dim()))
         keepdim = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
         if any(d in dims for d in varying_axes(x)):  # a sum over channels changes when they go
-            self.freeze(x)
+            self.freeze(x, "reduced over channels")
         out = x
         for d in reversed(dims):
             out = out.narrow(d, 0, 1) if keepdim else out.select(d, 0)
@@ -344,7 +352,7 @@ class Propagator:
     def softmax(self, node: fx.Node, args: tuple) -> Any:
         x = self.labels_of(args[0])
         if args[1] % x.dim() in varying_axes(x):
-            self.freeze(x)
+            self.freeze(x, "softmax over channels")
         return x
 
     def pointwise(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
@@ -368,7 +376,7 @@ class Propagator:
         main = max(views, key=lambda t: (len(varying_axes(t)), t.numel()))
         for other in views:
             if any(other.shape[d] > 1 and main.shape[d] == 1 for d in varying_axes(other)):
-                self.freeze(other)  # varies where the main operand is broadcast: not modelled
+                self.freeze(other, "broadcast against channels")  # not modelled
         out = main.expand(shape)
         for c in operands:
             if isinstance(c, ConstRef):
@@ -383,5 +391,6 @@ class Propagator:
     def unknown(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
         name = str(node.target)
         self.unknown_ops[name] = self.unknown_ops.get(name, 0) + 1
-        fx.node.map_aggregate((args, kwargs), lambda v: self.freeze(v) if isinstance(v, torch.Tensor) else None)
+        fx.node.map_aggregate((args, kwargs), lambda v: self.freeze(v, f"read by {name}, which pruning does not model")
+                              if isinstance(v, torch.Tensor) else None)
         return self.zeros_like_output(node)

@@ -15,10 +15,17 @@ up to a multiple of r (SIMD-friendly widths). A step never empties a tensor.
 
 ``ratio=0`` leaves the graph untouched. The graph's outputs are never pruned; layers
 named in ``exclude`` (dotted names or prefixes) keep all their weights.
+
+Channels the analysis cannot prune safely (they reach an output, an op it does not model,
+a reshape mixing them with other axes, a constant one op would slice two ways) are kept
+whole rather than failing the pass. The pass records a per-group table in
+``graph.annotations["prune_report"]`` (group, layers, channels before/after, pruned or
+kept and why), logs it, and counts pruned and kept groups in its stats.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -30,7 +37,9 @@ from graphopt.graph import Graph
 from graphopt.passes_base import GraphPass, PassResult, option, register_pass
 from graphopt.passes.prune.dependency import ChannelDependencyGraph
 from graphopt.passes.prune.importance import CRITERIA, taylor_gradients, unit_scores
-from graphopt.passes.prune.surgery import apply_pruning
+from graphopt.passes.prune.surgery import apply_pruning, resolve_shared_constants
+
+log = logging.getLogger(__name__)
 
 
 @register_pass
@@ -56,11 +65,12 @@ class Prune(GraphPass):
             raise PassOptionError("prune: criterion=taylor needs calibration batches; pass "
                                   "calibration_data=... to graphopt.optimize/compile")
         params_before = _params(graph)
-        total_pruned, records = 0, []
+        total_pruned, records, report = 0, [], []
         for step in range(1, self.steps + 1):
             kept_before = 1 - self.ratio * (step - 1) / self.steps
             step_ratio = 1 - (1 - self.ratio * step / self.steps) / kept_before
             dep = ChannelDependencyGraph(graph, self.exclude)
+            resolve_shared_constants(graph, dep)
             grads = taylor_gradients(graph, data) if self.criterion == "taylor" else None
             scores = unit_scores(graph, dep, self.criterion, grads)
             pruned = self.choose(dep, scores, step_ratio)
@@ -73,8 +83,13 @@ class Prune(GraphPass):
             total_pruned += n
             records.append({"step": step, "groups": len(dep.groups), "pruned_units": n,
                             "unknown_ops": dict(dep.unknown_ops)})
+            report = group_report(dep, pruned) if step == 1 else _advance(report, group_report(dep, pruned))
         graph.annotations.setdefault("prune", []).extend(records)
+        graph.annotations["prune_report"] = report
+        log.info("prune{ratio=%s}:\n%s", self.ratio, format_report(report))
         stats = {"pruned_units": total_pruned, "groups": records[0]["groups"],
+                 "groups_pruned": sum(r["status"] == "pruned" for r in report),
+                 "groups_kept": sum(r["status"] == "kept" for r in report),
                  "params_before": params_before, "params_after": _params(graph)}
         return PassResult(total_pruned > 0, stats)
 
@@ -133,3 +148,37 @@ def _never_empty(dep: ChannelDependencyGraph, scores: torch.Tensor, pruned: torc
 def _params(graph: Graph) -> int:
     return sum(int(t.numel()) for t in graph.constants().values())
 
+
+
+def group_report(dep: ChannelDependencyGraph, pruned: torch.Tensor) -> list[dict]:
+    """One row per channel group: the prunable groups, then those kept whole and why."""
+    rows = []
+    for group in dep.groups:
+        after = sum(c for u, c in zip(group.units, group.unit_channels) if not bool(pruned[u]))
+        rows.append({"group": len(rows), "layers": group.layers, "channels_before": group.channels,
+                     "channels_after": after, "status": "pruned" if after < group.channels else "kept",
+                     "reason": "" if after < group.channels else "too few units to remove at this ratio"})
+    for frozen in dep.frozen_groups:
+        rows.append({"group": len(rows), "layers": frozen.layers, "channels_before": frozen.channels,
+                     "channels_after": frozen.channels, "status": "kept", "reason": "; ".join(frozen.reasons)})
+    return rows
+
+
+def _advance(first: list[dict], later: list[dict]) -> list[dict]:
+    """Iterative pruning: the first step's table with the channel counts after a later step."""
+    after = {tuple(r["layers"]): r["channels_after"] for r in later}
+    for r in first:
+        if tuple(r["layers"]) in after:
+            r["channels_after"] = after[tuple(r["layers"])]
+    return first
+
+
+def format_report(report: list[dict], width: int = 60) -> str:
+    lines = [f"{'group':>5}  {'channels':>11}  {'status':<6}  layers / why kept"]
+    for r in report:
+        layers = ", ".join(r["layers"])
+        layers = layers if len(layers) <= width else layers[:width - 3] + "..."
+        why = f"  ({r['reason']})" if r["reason"] else ""
+        lines.append(f"{r['group']:>5}  {r['channels_before']:>5}->{r['channels_after']:<5}  {r['status']:<6}  "
+                     f"{layers}{why}")
+    return "\n".join(lines)

@@ -30,6 +30,45 @@ class PruneSurgeryError(GraphoptError, RuntimeError):
     """Internal: the dependency analysis produced two different slicings of one constant."""
 
 
+def resolve_shared_constants(graph: Graph, dep: ChannelDependencyGraph) -> tuple[int, int]:
+    """Make every constant sliceable one way, before units are chosen.
+
+    A constant read by several ops that slice it differently (constant folding shares equal
+    tensors, such as the zero biases of freshly folded batch norms, between unrelated
+    layers) gets a copy per slicing. Where one op itself would slice a constant two ways,
+    the units involved are frozen: their groups stay whole. Returns (constants copied,
+    units frozen).
+    """
+    copied, frozen = 0, 0
+    for slices in dep.conflicting_slices():
+        by_user: dict[fx.Node, list] = {}
+        for s in slices:
+            by_user.setdefault(s.user, []).append(s)
+        for user_slices in by_user.values():
+            first = dep.root_of[user_slices[0].labels]
+            if any(not torch.equal(dep.root_of[s.labels], first) for s in user_slices[1:]):
+                units = torch.unique(torch.cat([dep.root_of[s.labels] for s in user_slices])).tolist()
+                dep.freeze_units(units, f"constant {slices[0].node.target} would be sliced two ways")
+                frozen += len(units)
+        original = slices[0].node
+        variants: list[tuple[torch.Tensor, fx.Node]] = []
+        for user, user_slices in by_user.items():
+            roots = dep.root_of[user_slices[0].labels]
+            node = next((n for r, n in variants if torch.equal(r, roots)), None)
+            if node is None and variants and user is not None:
+                node = graph.add_constant(graph.constant(original), str(original.target), before=user)
+                node.meta["source"] = original.meta.get("source")
+                copied += 1
+            node = node or original
+            variants.append((roots, node))
+            if node is not original:
+                user.replace_input_with(original, node)
+                for s in dep.slices:
+                    if s.user is user and s.node is original:
+                        s.node = node
+    return copied, frozen
+
+
 def apply_pruning(graph: Graph, dep: ChannelDependencyGraph, pruned: torch.Tensor) -> int:
     """Remove the units with ``pruned[root]`` True; returns the number of constants sliced."""
     masks: dict[str, dict[int, torch.Tensor]] = {}
