@@ -26,6 +26,7 @@ from .conv2d import Conv2dNCHW
 from .conv_depthwise import ConvThenDepthwise
 from .depthwise import DepthwiseConv2dNCHW
 from .elementwise import Fallback, Injective
+from .int4 import Int4Linear
 from .int8 import Int8DotProduct
 from .matmul import Matmul
 from .pooling import Pooling
@@ -36,6 +37,7 @@ RULE_ATTR = "graphopt.rule"
 STRICT_ENV = "GRAPHOPT_STRICT_RULES"
 
 RULES: list[CPURule] = [
+    Int4Linear(),
     Int8DotProduct(),
     WinogradConv2d(),
     ConvThenDepthwise(),

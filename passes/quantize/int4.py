@@ -1,0 +1,126 @@
+"""int4 weight-only quantization of linear layers (``quantize{mode=int4, group=128}``).
+
+Every float32 ``linear`` with a constant weight (and every ``mm``/``matmul`` by a constant
+2-d weight, as the linear of its transpose) becomes one ``graphopt::linear_int4`` op::
+
+    y = linear_int4(x, packed, scales, group, bias)
+
+* ``packed``: uint8 ``(out_features, ceil(in_features / 2))``, two weights per byte along
+  the input dimension, the even input index in the low nibble. A weight ``q`` in [-8, 7] is
+  stored as ``q + 8``; a padding nibble (odd ``in_features``) holds 8, the weight 0.
+* ``scales``: float32 ``(out_features, ceil(in_features / group))``, one per group of
+  ``group`` consecutive input features (the last group may be shorter). Weights are
+  symmetric: ``scale = max|w| / 7`` over the group, ``q = round(w / scale)``, so ``q``
+  stays in [-7, 7] and ``w ~= q * scale``.
+* activations stay float32.
+
+The op is a ``torch.library`` custom op whose CPU implementation unpacks, dequantizes and
+calls ``linear``: the graph still runs eagerly and is the numerical reference of the TVM
+kernel (targets/frontend/int4.py), which unpacks in registers and never materializes the
+float weight.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from graphopt.graph import Graph
+from graphopt.passes.quantize.insert_qdq import QuantOp
+
+aten = torch.ops.aten
+
+GROUPS = (32, 64, 128)
+QMAX = 7  # symmetric: q in [-7, 7]; the stored nibble is q + OFFSET
+OFFSET = 8
+
+
+def quantize_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 in [-7, 7] of ``weight``'s shape, scales (out, n_groups) float32), per group of
+    ``group`` input features of a ``(out_features, in_features)`` weight."""
+    out_features, in_features = weight.shape
+    n_groups = -(-in_features // group)
+    padded = torch.zeros(out_features, n_groups * group, dtype=torch.float32)
+    padded[:, :in_features] = weight.detach().float()
+    grouped = padded.view(out_features, n_groups, group)
+    scales = grouped.abs().amax(dim=2) / QMAX
+    # an all-zero group quantizes to zeros with any scale; 1 keeps the division finite
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(grouped / safe.unsqueeze(2)).clamp(-QMAX, QMAX).to(torch.int8)
+    return q.view(out_features, -1)[:, :in_features].contiguous(), scales.contiguous()
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Two int4 values per byte along the last dim (even index in the low nibble), offset by 8."""
+    out_features, in_features = q.shape
+    nibbles = torch.full((out_features, in_features + in_features % 2), OFFSET, dtype=torch.uint8)
+    nibbles[:, :in_features] = (q.to(torch.int16) + OFFSET).to(torch.uint8)
+    return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The int8 values in [-8, 7] that ``pack_int4`` packed, ``(out_features, in_features)``."""
+    low = (packed & 0x0F).to(torch.int8) - OFFSET
+    high = (packed >> 4).to(torch.int8) - OFFSET
+    return torch.stack((low, high), dim=2).view(packed.shape[0], -1)[:, :in_features].contiguous()
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, group: int, in_features: int) -> torch.Tensor:
+    """The float32 weight ``q * scale`` of a packed int4 weight."""
+    q = unpack_int4(packed, in_features).float()
+    return q * scales.repeat_interleave(group, dim=1)[:, :in_features]
+
+
+@torch.library.custom_op("graphopt::linear_int4", mutates_args=())
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``linear(x, dequantize_int4(packed, scales, group), bias)``."""
+    weight = dequantize_int4(packed, scales, group, x.shape[-1])
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+@linear_int4.register_fake
+def _linear_int4_shape(x, packed, scales, group, bias=None):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+LINEAR_INT4 = torch.ops.graphopt.linear_int4.default
+
+
+def int4_weight(graph: Graph, op: QuantOp) -> tuple[torch.Tensor, Optional[fx.Node]]:
+    """(the ``(out_features, in_features)`` float weight of a linear or constant-weight matmul, its bias node)."""
+    w = graph.constant(op.node.args[op.weight_index]).detach()
+    if op.kind == "linear":
+        bias = op.node.args[2] if len(op.node.args) > 2 else op.node.kwargs.get("bias")
+        return w, bias
+    return w.t(), None  # x @ W with W (in, out)
+
+
+def int4_candidates(ops: list[QuantOp]) -> list[QuantOp]:
+    """The ops int4 applies to: linears and matmuls by a constant 2-d weight (convs stay float)."""
+    return [op for op in ops if op.weight_index is not None and op.kind in ("linear", "matmul")]
+
+
+def apply_int4(graph: Graph, ops: list[QuantOp], group: int) -> int:
+    """Replace each of ``ops`` (see ``int4_candidates``) by ``linear_int4``; returns how many."""
+    packed_of: dict[str, tuple[fx.Node, fx.Node]] = {}  # a weight shared by several ops is packed once
+    for op in ops:
+        node = op.node
+        w_node = node.args[op.weight_index]
+        weight, bias = int4_weight(graph, op)
+        key = f"{w_node.target}:{op.kind}"
+        if key not in packed_of:
+            q, scales = quantize_int4(weight, group)
+            packed_of[key] = (graph.add_constant(pack_int4(q), f"{w_node.target}_int4", before=node),
+                              graph.add_constant(scales, f"{w_node.target}_int4_scale", before=node))
+        packed, scales_node = packed_of[key]
+        with graph.fx_graph.inserting_before(node):
+            new = graph.fx_graph.call_function(LINEAR_INT4, (node.args[0], packed, scales_node, group, bias))
+        new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        node.replace_all_uses_with(new)
+        graph.fx_graph.erase_node(node)
+    graph.prune_unused_constants()
+    graph.recompile()
+    return len(ops)
