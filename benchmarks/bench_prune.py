@@ -8,6 +8,17 @@ Torch-Pruning runs with its MetaPruner, L1 magnitude importance, local pruning, 
 model's classifier ignored (its outputs must stay), as in its README.
 
     python benchmarks/bench_prune.py [--ratio 0.5] [--models resnet18,mobilenet_v2,transformer] [--no-latency]
+
+``--zoo`` prints the pruning zoo table instead: torchvision classifiers (``graphopt.zoo``,
+64x64 inputs, random weights) at each of ``--ratios``, graphopt's ``fold,prune`` next to
+Torch-Pruning's DepGraph + MagnitudePruner at the same ratio (classifier ignored, whole
+attention heads). Params and FLOPs are given as fractions of the unpruned model, each tool
+measured by its own counter (graphopt: ``Graph.summary()``; Torch-Pruning:
+``count_ops_and_params``) so that both ratios share their baseline's conventions. A row's
+status says whether the pruned model ran; ``groups`` counts channel groups pruned / kept
+whole (see ``graph.annotations["prune_report"]``).
+
+    python benchmarks/bench_prune.py --zoo [--zoo-models shufflenet_v2_x0_5,...|all] [--ratios 0.3,0.5]
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import median_ms, set_threads, table  # noqa: E402
+from common import host_banner, median_ms, set_threads, table  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -45,6 +56,63 @@ def tp_prune(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> torch.nn.
         m.num_heads = pruner.num_heads[m]
         m.head_dim = m.embed_dim // m.num_heads
     return model.eval()
+
+
+ZOO_SUBSET = "shufflenet_v2_x0_5,squeezenet1_0,mobilenet_v3_small,regnet_y_400mf,densenet121,vit_b_16"
+
+
+def tp_zoo_prune(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> torch.nn.Module:
+    """Torch-Pruning as its README prunes a classifier: DepGraph + L1 magnitude, the final
+    linear layer ignored, whole heads of every ``nn.MultiheadAttention``."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(model)
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]
+    mha = [m for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    kwargs = dict(num_heads={m: m.num_heads for m in mha}, prune_num_heads=True, prune_head_dims=False,
+                  head_pruning_ratio=ratio) if mha else {}
+    pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                       pruning_ratio=ratio, ignored_layers=last, **kwargs)
+    pruner.step()
+    for m in mha:
+        m.num_heads = pruner.num_heads[m]
+        m.head_dim = m.embed_dim // m.num_heads
+    return model.eval()
+
+
+def zoo_rows(names: list[str], ratios: list[float]) -> list[list[object]]:
+    import torch_pruning as tp
+
+    from graphopt.zoo import zoo_model
+
+    rows = []
+    for name in names:
+        model, inputs = zoo_model(f"torchvision/{name}").build()
+        base = graphopt.capture(model, *inputs)
+        b = base.summary()
+        tp_macs, tp_params = tp.utils.count_ops_and_params(model, inputs[0])
+        for ratio in ratios:
+            row = [name, ratio, f"{b.params / 1e6:.2f}M", f"{b.flops / 1e6:.0f}M"]
+            try:
+                pruned = graphopt.optimize(base, pipeline=f"fold,prune{{ratio={ratio}}}")
+                pruned(*inputs)
+                s = pruned.summary()
+                report = pruned.annotations["prune_report"]
+                groups = f"{sum(r['status'] == 'pruned' for r in report)}/{sum(r['status'] == 'kept' for r in report)}"
+                row += [f"{s.params / b.params:.3f}", f"{s.flops / b.flops:.3f}", "ok", groups]
+            except Exception as e:  # a failure is a row of the table, not the end of the run
+                row += ["", "", f"failed: {type(e).__name__}: {str(e)[:60]}", ""]
+            try:
+                theirs = tp_zoo_prune(model, inputs[0], ratio)
+                with torch.no_grad():
+                    theirs(*inputs)
+                macs, params = tp.utils.count_ops_and_params(theirs, inputs[0])
+                row += [f"{params / tp_params:.3f}", f"{macs / tp_macs:.3f}", "ok"]
+            except Exception as e:
+                row += ["", "", f"failed: {type(e).__name__}: {str(e)[:60]}"]
+            rows.append(row)
+            print("  " + " | ".join(str(v) for v in row), file=sys.stderr, flush=True)
+    return rows
 
 
 def latencies_ms(graphs: list[graphopt.Graph], x: torch.Tensor, rounds: int = 3) -> list[float]:
@@ -107,8 +175,21 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--no-digits", action="store_true")
+    ap.add_argument("--zoo", action="store_true", help="print the torchvision pruning zoo table")
+    ap.add_argument("--zoo-models", default=ZOO_SUBSET, help="comma-separated torchvision names, or 'all'")
+    ap.add_argument("--ratios", default="0.3,0.5")
     args = ap.parse_args()
     set_threads()
+    if args.zoo:
+        from graphopt.zoo import torchvision_names
+
+        names = torchvision_names() if args.zoo_models == "all" else args.zoo_models.split(",")
+        print(host_banner())
+        print("\n## pruning zoo: graphopt fold,prune vs Torch-Pruning (DepGraph + MagnitudePruner)\n")
+        rows = zoo_rows(names, [float(r) for r in args.ratios.split(",")])
+        print(table(["model", "ratio", "params", "FLOPs", "params x", "FLOPs x", "status", "groups pruned/kept",
+                     "TP params x", "TP FLOPs x", "TP status"], rows))
+        return
     print(f"## prune ratio {args.ratio}: graphopt vs Torch-Pruning\n")
     rows = model_rows([m for m in args.models.split(",") if m], args.ratio, not args.no_latency)
     print(table(["model", "pruner", "params", "params ratio", "FLOPs", "FLOPs ratio", "x86 ms"], rows))

@@ -120,6 +120,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     graph = graphopt.optimize(model, inputs, args.pipeline)
     graph.name = name
     print(graph.summary())
+    if "prune_report" in graph.annotations:
+        from graphopt.passes.prune.prune_pass import format_report
+
+        print("\nchannel groups (prune):\n" + format_report(graph.annotations["prune_report"]))
     if args.ir:
         print()
         print(graph)

@@ -334,3 +334,51 @@ def test_reference_models_prune_shrink_and_compile(name):
             ref_out = p(x)[0]
             scale = ref_out.abs().max()
             torch.testing.assert_close(y / scale, ref_out / scale, rtol=1e-4, atol=1e-4)
+
+
+class SharedBias(nn.Module):
+    """Two layers reading one bias tensor, as constant folding leaves equal folded biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv2.bias = self.conv1.bias
+        self.conv3 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x)))))
+
+
+def test_constant_shared_by_differently_pruned_layers_gets_a_copy_per_layer():
+    x = torch.randn(1, 3, 8, 8)
+    g = graphopt.capture(SharedBias().eval(), x)
+    p = prune(g, "prune{ratio=0.5}")
+    convs = [n for n in p.nodes if n.op == "call_function" and "conv" in str(n.target)]
+    biases = [p.constant(n.args[2]) for n in convs]
+    assert [tuple(b.shape) for b in biases] == [(4,), (4,), (4,)]
+    assert convs[0].args[2] is not convs[1].args[2]
+    assert p(x)[0].shape == (1, 4, 8, 8)
+
+
+class CumsumOverChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv3(torch.cumsum(self.conv2(torch.relu(self.conv1(x))), 1))
+
+
+def test_report_lists_every_group_pruned_or_kept_with_why():
+    x = torch.randn(1, 3, 8, 8)
+    g = graphopt.capture(CumsumOverChannels().eval(), x)
+    p = prune(g, "prune{ratio=0.5}")
+    rows = {tuple(r["layers"]): r for r in p.annotations["prune_report"]}
+    assert rows[("conv1",)]["status"] == "pruned" and rows[("conv1",)]["channels_after"] == 4
+    kept = rows[("conv2",)]
+    assert kept["status"] == "kept" and kept["channels_after"] == 8 and "cumsum" in kept["reason"]
+    assert "graph output" in rows[("conv3",)]["reason"]
+    assert weight(p, "conv2.weight").shape == (8, 4, 3, 3)
