@@ -33,20 +33,27 @@ def _as_graph(model: "torch.nn.Module | Graph", example_inputs: Any, dynamic_sha
 def optimize(model: "torch.nn.Module | Graph", example_inputs: Any = None, pipeline: "str | Pipeline" = "default",
              *, dynamic_shapes: Any = None, verify: bool = False, dump_ir: str | None = None,
              instruments: list[Instrument] | None = None, calibration_data: Any = None,
-             example_kwargs: dict[str, Any] | None = None) -> Graph:
+             example_kwargs: dict[str, Any] | None = None, target: Any = None) -> Graph:
     """Capture ``model`` (unless it is a Graph already) and run ``pipeline`` over it.
 
     ``verify=True`` runs the graph after every pass and fails with the pass's name when it
     leaves its tolerance; ``dump_ir=DIR`` writes numbered IR files before/after each pass.
     ``calibration_data`` (an iterable of input batches) is what the quantize pass calibrates
-    on. The per-pass timing table is left in ``graph.annotations["timing"]``.
+    on. ``target`` (what ``compile`` takes) is the build target passes may specialize for: the
+    quantize pass keeps layers in float where the target has no integer kernel that beats float.
+    The per-pass timing table is left in ``graph.annotations["timing"]``.
     ``example_kwargs`` are keyword inputs of the example call; ``graph.forward(...)`` is then
     called like the model (same keywords) and returns the model's output structure.
     """
     graph = _as_graph(model, example_inputs, dynamic_shapes, example_kwargs)
-    if calibration_data is not None:
+    if calibration_data is not None or target is not None:
         graph = graph.copy()
+    if calibration_data is not None:
         graph.annotations["calibration_data"] = calibration_data
+    if target is not None:
+        from graphopt.targets.registry import resolve_target
+
+        graph.annotations["target"] = resolve_target(target)
     pipe = Pipeline.parse(pipeline)
     timing = TimingInstrument()
     ins: list[Instrument] = [timing, *(instruments or [])]
@@ -89,7 +96,8 @@ def compile(model: "torch.nn.Module | Graph", target: Any = "x86", example_input
     t0 = time.perf_counter()
     graph = _as_graph(model, example_inputs, dynamic_shapes, example_kwargs)
     t1 = time.perf_counter()
-    optimized = optimize(graph, pipeline=pipe, verify=verify, dump_ir=dump_ir, calibration_data=calibration_data)
+    optimized = optimize(graph, pipeline=pipe, verify=verify, dump_ir=dump_ir, calibration_data=calibration_data,
+                         target=spec)
     t2 = time.perf_counter()
 
     import tvm
@@ -131,6 +139,8 @@ def compile(model: "torch.nn.Module | Graph", target: Any = "x86", example_input
         "output_spec": spec_to_json(optimized.out_spec),
         "dim_ranges": {k: list(v) for k, v in sorted(optimized.dim_ranges.items())},
     }
+    if "quantize" in optimized.annotations:  # which layers run in int8, which in float and why
+        manifest["quantize"] = optimized.annotations["quantize"]
     device_code = getattr(executable, "graphopt_device_code", None)
     if device_code is not None:  # GPU targets: what form the kernels ship in (targets/cuda/device_code.py)
         manifest["device_code"] = device_code.to_json()

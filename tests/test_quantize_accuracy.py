@@ -6,6 +6,7 @@ import torch
 
 import graphopt
 from graphopt.models import REFERENCE_MODELS, accuracy, digits_cnn, digits_mlp, load_digits_split, train_digits
+from graphopt.passes.quantize.fallback import integer_target
 from graphopt.testing import assert_close
 
 
@@ -14,9 +15,14 @@ from graphopt.testing import assert_close
 def test_digits_static_int8_compiled_within_half_a_point(build, image):
     model, fp32_acc = train_digits(build())
     xtr, _, xte, yte = load_digits_split(image=image)
-    g = graphopt.capture(model, (xte[:2],), dynamic_shapes="batch")
-    cm = graphopt.compile(g, "x86", pipeline="fold,quantize{mode=int8}", calibration_data=[xtr[:256]])
-    assert cm.graph.annotations["quantize"]["float"] == []
+    # the whole test set as one static batch: the int8 kernels are sized at build time (with a
+    # dynamic batch the layers would stay in float, see passes/quantize/fallback.py)
+    cm = graphopt.compile(model, "x86", (xte,), "fold,quantize{mode=int8}", calibration_data=[xtr[:256]])
+    report = cm.manifest["quantize"]
+    if integer_target("x86").dot is None:  # no dot-product instruction: int8 would lose to float
+        assert report["quantized"] == []
+    else:
+        assert report["float"] == [], report["float_why"]
     int8_acc = accuracy(lambda x: cm(x), xte, yte)
     assert int8_acc >= fp32_acc - 0.005, (fp32_acc, int8_acc)
 

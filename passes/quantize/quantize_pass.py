@@ -14,6 +14,12 @@
 * ``max_error``: accuracy budget (relative L2 output error vs float on the calibration
   data, see sensitivity.py); the most sensitive layers stay float until it is met. The
   sensitivity table is left in ``graph.annotations["quantize_sensitivity"]`` and logged.
+* ``fallback``: for ``int8``/``dynamic``, when the build target is known
+  (``graph.annotations["target"]``), layers the target has no integer kernel for that beats
+  float stay in float (fallback.py says which and why).
+
+``graph.annotations["quantize"]`` records the layers quantized, the layers kept in float and,
+in ``float_why``, the reason for each; the pass logs that list at INFO.
 
 The graph after the pass still runs in eager PyTorch (the fake-quant reference); the TVM
 backend turns every QDQ-wrapped op into integer kernels (targets/frontend/quantized.py).
@@ -28,8 +34,10 @@ from typing import ClassVar, Optional
 from graphopt.errors import PassError
 from graphopt.graph import Graph
 from graphopt.passes.quantize.calibration import calibrate, calibration_batches
+from graphopt.passes.quantize.fallback import float_layers
 from graphopt.passes.quantize.observers import METHODS
 from graphopt.passes.quantize.insert_qdq import QuantOp, apply_quantization, quantizable_ops
+from graphopt.passes.quantize.int4 import GROUPS, apply_int4, int4_candidates
 from graphopt.passes.quantize.sensitivity import choose_float_layers
 from graphopt.passes_base import GraphPass, PassResult, option, register_pass
 
@@ -49,7 +57,9 @@ class Quantize(GraphPass):
     tolerance: ClassVar[str] = "int8"
 
     mode: str = option("int8", "int8 (static, calibrated), dynamic (int8 weights, run-time activation "
-                       "scales), fp16 or bf16", choices=("int8", "dynamic", "fp16", "bf16"))
+                       "scales), fp16, bf16 or int4 (weight-only, linear layers; int4.py)",
+                       choices=("int8", "dynamic", "fp16", "bf16", "int4"))
+    group: int = option(128, "int4: input features sharing one weight scale", choices=GROUPS)
     calib: str = option("minmax", "calibration method for static int8 activation ranges", choices=METHODS)
     per_channel: bool = option(True, "one weight scale per output channel (else one per tensor)")
     symmetric: bool = option(False, "symmetric activations (zero point 0); weights are always symmetric")
@@ -57,28 +67,49 @@ class Quantize(GraphPass):
     max_error: Optional[float] = option(None, "accuracy budget: relative output error vs float on the "
                                         "calibration data; most sensitive layers stay float until met",
                                         range=(0.0, 10.0, "(]"))
+    fallback: bool = option(True, "keep layers in float where the build target has no integer kernel "
+                            "for them that beats float (int8 and dynamic modes)")
 
     def run(self, graph: Graph) -> PassResult:
         candidates = quantizable_ops(graph)
+        if self.mode == "int4":
+            candidates = int4_candidates(candidates)
         skipped = [op for op in candidates if any(op.matches(p) for p in self.skip)]
         self._check_skip_patterns(candidates)
+        kept: list[tuple[QuantOp, str]] = [(op, "skip option") for op in skipped]  # (op, why), in order
         ops = [op for op in candidates if op not in skipped]
+        no_kernel = float_layers(graph, ops) if self.fallback and self.mode in ("int8", "dynamic") else {}
+        kept += [(op, no_kernel[op.node.name]) for op in ops if op.node.name in no_kernel]
+        ops = [op for op in ops if op.node.name not in no_kernel]
+        stats = {"skipped": len(skipped), "no_int8_kernel": len(no_kernel)}
         if not ops:
-            return PassResult(False, {"quantized": 0, "skipped": len(skipped)})
+            self._record(graph, [], kept)
+            return PassResult(False, {"quantized": 0, **stats})
+        if self.mode == "int4":  # weight-only: no calibration, no accuracy search
+            n = apply_int4(graph, ops, self.group)
+            self._record(graph, ops, kept)
+            return PassResult(n > 0, {"quantized": n, **stats})
         data = graph.annotations.get("calibration_data")
         if self.mode == "int8":
             self._ensure_ranges(graph, ops, data)
-        kept_float: list[str] = []  # layers, most sensitive first
+        kept_nodes: list[str] = []  # most sensitive first
         if self.max_error is not None:
             kept_nodes = self._accuracy_aware(graph, ops, data)
-            layer_of = {op.node.name: op.layer for op in ops}
-            kept_float = [layer_of[n] for n in kept_nodes]
+            op_of = {op.node.name: op for op in ops}
+            kept += [(op_of[n], f"accuracy (max_error={self.max_error:g})") for n in kept_nodes]
             ops = [op for op in ops if op.node.name not in kept_nodes]
         n = apply_quantization(graph, ops, self.mode, per_channel=self.per_channel, symmetric=self.symmetric)
+        self._record(graph, ops, kept)
+        return PassResult(n > 0, {"quantized": n, **stats, "kept_float": len(kept_nodes)})
+
+    def _record(self, graph: Graph, quantized: list[QuantOp], kept: list[tuple[QuantOp, str]]) -> None:
         graph.annotations["quantize"] = {
             "mode": self.mode, "calib": self.calib if self.mode == "int8" else None,
-            "quantized": [op.layer for op in ops], "float": [op.layer for op in skipped] + kept_float}
-        return PassResult(n > 0, {"quantized": n, "skipped": len(skipped), "kept_float": len(kept_float)})
+            "quantized": [op.layer for op in quantized], "float": [op.layer for op, _ in kept],
+            "float_why": [{"layer": op.layer, "node": op.node.name, "reason": why} for op, why in kept]}
+        if kept:
+            _log.info("quantize{mode=%s}: %d layers quantized, %d kept in float:\n%s", self.mode, len(quantized),
+                      len(kept), "\n".join(f"  {op.layer} ({op.node.name}): {why}" for op, why in kept))
 
     def _check_skip_patterns(self, candidates: list[QuantOp]) -> None:
         for pattern in self.skip:
