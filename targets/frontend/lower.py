@@ -156,7 +156,7 @@ class GraphImporter(ExportedProgramImporter):
                     "is not supported by the TVM backend")
 
     def lower(self, graph: Graph) -> tvm.IRModule:
-        from graphopt.targets.frontend.support import decompose_unsupported
+        from graphopt.targets.frontend.decompose import decompose_unsupported
 
         graph = decompose_unsupported(graph, frozenset(self.convert_map))
         self.check_supported(graph)
