@@ -382,3 +382,26 @@ def test_report_lists_every_group_pruned_or_kept_with_why():
     assert kept["status"] == "kept" and kept["channels_after"] == 8 and "cumsum" in kept["reason"]
     assert "graph output" in rows[("conv3",)]["reason"]
     assert weight(p, "conv2.weight").shape == (8, 4, 3, 3)
+
+
+class TransposedLinear(nn.Module):
+    """``bias + x @ w`` with ``w`` stored (in, out), as HF's GPT-2 ``Conv1D`` computes."""
+
+    def __init__(self, dead=(0, 3, 5, 6, 9, 10, 12, 15)):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(8, 16)), nn.Parameter(torch.randn(16))
+        self.w2, self.b2 = nn.Parameter(torch.randn(16, 4)), nn.Parameter(torch.randn(4))
+        with torch.no_grad():
+            for c in dead:  # nothing flows through these hidden units
+                self.w1[:, c], self.b1[c], self.w2[c] = 0.0, 0.0, 0.0
+
+    def forward(self, x):
+        return torch.addmm(self.b2, torch.relu(torch.addmm(self.b1, x, self.w1)), self.w2)
+
+
+def test_transposed_linear_layers_prune_their_dead_units_exactly():
+    x = torch.randn(2, 8)
+    g = graphopt.capture(TransposedLinear(), x)
+    p = prune(g, "prune{ratio=0.5}")
+    assert weight(p, "w1").shape == (8, 8) and weight(p, "b1").shape == (8,) and weight(p, "w2").shape == (8, 4)
+    close(p(x)[0], g(x)[0])

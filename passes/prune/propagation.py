@@ -15,6 +15,7 @@ then flow forward, one op at a time:
   every branch identically; adding a graph input freezes the channels it meets);
 * **consumers** (conv, linear, batch/layer norm, constant operands of pointwise ops) record
   a :class:`ParamSlice`: "slice axis ``a`` of this constant like these labels";
+* **addmm** with a constant (in, out) weight (GPT-2's ``Conv1D``) is a transposed linear layer;
 * **attention** (``scaled_dot_product_attention``) unions each head's q/k/v features into
   one unit, so only whole heads can go, consistently in q, k, v and the output projection;
 * anything else freezes the units that reach it (safe, reported in ``unknown_ops``).
@@ -196,6 +197,8 @@ class Propagator:
             return self.conv(node, args)
         if is_op(node, aten.linear):
             return self.linear(node, args)
+        if is_op(node, aten.addmm) and len(args) == 3 and not node.kwargs:
+            return self.addmm(node, args)
         if is_op(node, *_BATCH_NORMS):
             return self.batch_norm(node, args)
         if is_op(node, *_LAYER_NORMS):
@@ -269,6 +272,25 @@ class Propagator:
         self.producers[node] = out
         self.record(w, 0, out, "weight", layer)
         self.record(args[2] if len(args) > 2 else None, 0, out, "bias", layer)
+        return out.expand(self.shapes[node])
+
+    def addmm(self, node: fx.Node, args: tuple) -> Any:
+        """``bias + x @ w`` with ``w`` stored (in, out): a linear layer with its weight
+        transposed (HF's GPT-2 ``Conv1D``)."""
+        bias, x, w = args[0], self.labels_of(args[1]), args[2]
+        if not isinstance(w, ConstRef) or len(w.shape) != 2 or not isinstance(bias, (ConstRef, type(None))):
+            return self.unknown(node, args, {})
+        layer = self.layer_of(node)
+        cin = self.slice_units(x, 1)
+        if self.excluded(node):
+            self.freeze(cin, "excluded layer")
+            return self.zeros_like_output(node)
+        self.record(w, 0, cin, "weight", layer)
+        out = self.fresh(w.shape[1])
+        self.producers[node] = out
+        self.record(w, 1, out, "weight", layer)
+        if isinstance(bias, ConstRef) and bias.shape[-1] > 1:
+            self.record(bias, len(bias.shape) - 1, out, "bias", layer)
         return out.expand(self.shapes[node])
 
     # ---------------------------------------------------- per-channel ops
