@@ -79,3 +79,21 @@ class VarMean(nn.Module):
 
 def test_var_mean():
     compile_and_compare(VarMean(), torch.randn(3, 4, 5))
+
+
+class MaskFromNewOnes(nn.Module):
+    """transformers' BERT builds its padding mask as ``ids.new_ones((), dtype=torch.bool) & ...`` from
+    integer tensors: the result is a bool mask, which attention applies as a mask, not as a bias."""
+
+    def forward(self, q, k, v, keep):
+        mask = keep.new_ones((), dtype=torch.bool) & keep.bool()[:, None, None, :]
+        offsets = keep.new_zeros((2, keep.shape[1]), dtype=torch.float32) + 0.5
+        attended = nn.functional.scaled_dot_product_attention(q, k, v, mask.expand(-1, -1, q.shape[2], -1))
+        return attended, mask, offsets
+
+
+def test_new_ones_and_new_zeros_take_the_dtype_they_are_given():
+    keep = torch.ones(1, 9, dtype=torch.long)
+    keep[0, 6:] = 0
+    q, k, v = (torch.randn(1, 2, 9, 8) for _ in range(3))
+    compile_and_compare(MaskFromNewOnes(), q, k, v, keep, pipeline="fold")

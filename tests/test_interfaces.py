@@ -263,9 +263,6 @@ def test_bert_compiled_once_serves_any_sequence_length_with_an_attention_mask(be
     assert_matches_eager(out, WithKeywords(model, attention_mask=mask), (ids,))
 
 
-@pytest.mark.xfail(strict=True, reason="BERT's mask built from a padded attention_mask (arange, ge, and, "
-                   "index.Tensor) lowers to different numbers: errors ~3e-3, static shapes too; "
-                   "scaled_dot_product_attention alone with the same masks matches")
 def test_bert_with_a_padded_attention_mask_matches_eager(bert_module):
     model, module = bert_module
     ids, mask = torch.randint(0, 1000, (1, 17)), torch.ones(1, 17, dtype=torch.long)

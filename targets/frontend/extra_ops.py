@@ -9,7 +9,11 @@ no converter: targets/frontend/support.py decomposes them before lowering.)
   even kernel pads more on the right, as PyTorch does;
 * ``var_mean.correction``: the variance and the mean;
 * ``min.dim``, ``any``, ``prod.dim_int``, ``div.Scalar_mode``: spellings of ops the importer has
-  in another form; ``pixel_shuffle``, whose importer entry calls a topi function TVM 0.27 lacks.
+  in another form; ``pixel_shuffle``, whose importer entry calls a topi function TVM 0.27 lacks;
+* ``new_ones`` / ``new_zeros``: the importer gives the result the dtype of ``self`` and drops
+  ``dtype=``; a bool mask made as ``x.new_ones((), dtype=torch.bool)`` from an integer ``x`` then
+  turns ``&`` into an integer bitwise and, and the attention that takes the mask adds it to the
+  scores instead of masking them (transformers' BERT builds its padding mask this way).
 """
 
 from __future__ import annotations
@@ -208,3 +212,22 @@ def pixel_shuffle(importer, node: fx.Node) -> relax.Expr:
     order = [*range(n), n, n + 3, n + 1, n + 4, n + 2]
     moved = bb.emit(relax.op.permute_dims(split, order))
     return bb.emit(relax.op.reshape(moved, [*lead, c // (r * r), h * r, w * r]))
+
+
+def _new_filled(importer, node: fx.Node, fill: int) -> relax.Expr:
+    """A tensor of ``fill`` with the shape and dtype torch recorded for ``node`` (``dtype=`` when
+    given, else that of ``self``)."""
+    val = node.meta["val"]
+    dtype = str(val.dtype).removeprefix("torch.")
+    shape = relax.ShapeExpr(importer._relax_shape(val))
+    return importer.block_builder.emit(relax.op.full(shape, relax.const(fill, dtype), dtype))
+
+
+@register_converter("new_ones.default", fixes_importer=True)
+def new_ones(importer, node: fx.Node) -> relax.Expr:
+    return _new_filled(importer, node, 1)
+
+
+@register_converter("new_zeros.default", fixes_importer=True)
+def new_zeros(importer, node: fx.Node) -> relax.Expr:
+    return _new_filled(importer, node, 0)
