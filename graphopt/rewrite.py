@@ -5,12 +5,13 @@ what it matches (``match(node) -> binding or None``) and what replaces the match
 (``replace(node, binding)``), and the driver walks the graph, applies the first rule that
 matches each node and counts the hits per rule name, in the manner of Inductor's
 ``register_replacement`` and tinygrad's ``PatternMatcher``. The counters are the pass's
-stats (``pattern.<name>``), so IR dumps and ``graphopt optimize --timing`` say which rule
-fired how often.
+stats (``pattern.<name>``), so the pass records and the headers of IR dumps
+(``graphopt compile --dump-ir DIR``) say which rule fired how often.
 
-The driver is IR-agnostic: :func:`rewrite_fx` walks a torch.fx graph (graphopt's passes);
-the Relax rewrites of the backend use the same :class:`Rewrite` rules through
-``graphopt.targets.frontend.relax_rewrite``.
+The rules are IR-agnostic: :func:`rewrite_fx` walks a torch.fx graph (graphopt's passes);
+the backend's compile-time Relax rewrites (weight re-layout, Winograd, int8 packing) run the
+same :class:`Rewrite` rules over Relax calls with ``CallRewriter``
+(graphopt/targets/cpu/schedules/layout.py).
 """
 
 from __future__ import annotations

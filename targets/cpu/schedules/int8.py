@@ -42,12 +42,13 @@ from dataclasses import dataclass
 import numpy as np
 import tvm
 from tvm import relax, te, tirx
-from tvm.relax.expr_functor import mutator
 from tvm.s_tir import TensorIntrin
 from tvm.target import Target
 
+from graphopt.rewrite import Rewrite
+
 from . import base
-from .layout import FunctionRewriter, constant_array, static_shape
+from .layout import CallSite, call_rewrite_pass, constant_array, static_shape
 
 # Output channels per weight block / per accumulator register (VNNI: 16 x int32 = 512 bit).
 BLOCK_F = 16
@@ -194,64 +195,57 @@ def _constant(expr) -> np.ndarray | None:
     return constant_array(expr) if isinstance(expr, tvm.ir.expr.Constant) else None
 
 
-@mutator
-class _PackInt8(FunctionRewriter):
-    def __init__(self, mod: tvm.IRModule, instruction: str):
-        super().__init__(mod)
-        self.instruction = instruction
-        self.rewritten = 0
+def _int8_operands(site: CallSite):
+    x, w = site.call.args[0], site.call.args[1]
+    if str(site.call.attrs.out_dtype) != "int32" or _dtype(x) != "int8":
+        return None
+    weight = _constant(w)
+    if weight is None or str(weight.dtype) != "int8" or static_shape(x.ty) is None:
+        return None
+    return x, weight
 
-    def visit_call_(self, call):  # noqa: N802 - PyExprMutator naming
-        call = super().visit_call_(call)
-        new = None
-        if call.op.same_as(_CONV2D):
-            new = self._conv2d(call)
-        elif call.op.same_as(_MATMUL):
-            new = self._dense(call)
-        if new is None:
-            return call
-        self.rewritten += 1
-        return new
 
-    def _int8_operands(self, call):
-        x, w = call.args[0], call.args[1]
-        if str(call.attrs.out_dtype) != "int32" or _dtype(x) != "int8":
-            return None
-        weight = _constant(w)
-        if weight is None or str(weight.dtype) != "int8" or static_shape(x.ty) is None:
-            return None
-        return x, weight
-
-    def _conv2d(self, call):
-        ops = self._int8_operands(call)
-        attrs = call.attrs
+def _int8_rules(instruction: str) -> list[Rewrite]:
+    def conv2d_match(site: CallSite):
+        ops = _int8_operands(site) if site.is_call_to(_CONV2D) else None
+        attrs = site.call.attrs
         if ops is None or int(attrs.groups) != 1:
             return None
         if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NCHW", "OIHW", "NCHW"):
             return None
-        x, w = ops
         pad = [int(p) for p in attrs.padding]
         if len(pad) != 4 or pad[0] != pad[2] or pad[1] != pad[3]:
             return None  # asymmetric padding: leave it to the generic rules
-        return self.builder_.call_te(
+        return ops[0], ops[1], pad
+
+    def conv2d_replace(site: CallSite, bound):
+        x, w, pad = bound
+        attrs = site.call.attrs
+        return site.call_te(
             conv2d_te, x, relax.const(pack_weight(w), "int8"),
-            relax.const(shift_correction(w, self.instruction), "int32"),
+            relax.const(shift_correction(w, instruction), "int32"),
             channels=w.shape[0], strides=[int(s) for s in attrs.strides], padding=pad[:2],
-            dilation=[int(d) for d in attrs.dilation], instruction=self.instruction,
+            dilation=[int(d) for d in attrs.dilation], instruction=instruction,
             primfunc_name_hint="int8_conv2d")
 
-    def _dense(self, call):
-        ops = self._int8_operands(call)
+    def dense_match(site: CallSite):
+        ops = _int8_operands(site) if site.is_call_to(_MATMUL) else None
         if ops is None:
             return None
         x, w = ops
         if w.ndim != 2 or len(static_shape(x.ty)) < 2:
             return None  # batched constant weights do not occur; keep the generic path
-        w_fk = np.ascontiguousarray(w.T)  # matmul's weight is [K, F]
-        return self.builder_.call_te(
+        return x, np.ascontiguousarray(w.T)  # matmul's weight is [K, F]
+
+    def dense_replace(site: CallSite, bound):
+        x, w_fk = bound
+        return site.call_te(
             dense_te, x, relax.const(pack_weight(w_fk), "int8"),
-            relax.const(shift_correction(w_fk, self.instruction), "int32"),
-            channels=w_fk.shape[0], instruction=self.instruction, primfunc_name_hint="int8_dense")
+            relax.const(shift_correction(w_fk, instruction), "int32"),
+            channels=w_fk.shape[0], instruction=instruction, primfunc_name_hint="int8_dense")
+
+    return [Rewrite("int8-conv2d", conv2d_match, conv2d_replace, "int8 conv2d -> packed dot-product kernel"),
+            Rewrite("int8-matmul", dense_match, dense_replace, "int8 matmul -> packed dot-product kernel")]
 
 
 def int8_layout_passes(target: Target) -> list:
@@ -263,11 +257,7 @@ def int8_layout_passes(target: Target) -> list:
     if instruction is None:
         return []
 
-    @tvm.transform.module_pass(opt_level=0, name="graphopt.PackInt8DotProduct")
-    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return _PackInt8(mod, instruction).transform()
-
-    return [_pass]
+    return [call_rewrite_pass("graphopt.PackInt8DotProduct", _int8_rules(instruction))]
 
 
 # ------------------------------------------------------------------ the schedule rule

@@ -32,12 +32,13 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax, te, tirx
-from tvm.relax.expr_functor import mutator
 from tvm.target import Target
 from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points, const_matrix
 
+from graphopt.rewrite import Rewrite
+
 from . import base
-from .layout import FunctionRewriter, constant_array, static_shape
+from .layout import CallSite, call_rewrite_pass, constant_array, static_shape
 
 TILES = (4, 2)  # output tile sizes m of F(m x m, 3 x 3), in order of preference
 # The smallest number of tiles (GEMM rows) per weight matrix for which Winograd beats the
@@ -144,18 +145,12 @@ def winograd_conv2d_te(x: te.Tensor, u: te.Tensor, tile: int) -> te.Tensor:
         name="winograd_inverse")
 
 
-@mutator
-class _WinogradConvs(FunctionRewriter):
-    def __init__(self, mod: tvm.IRModule, lanes: int):
-        super().__init__(mod)
-        self.lanes = lanes
-
-    def visit_call_(self, call):  # noqa: N802 - PyExprMutator naming
-        call = super().visit_call_(call)
-        if not call.op.same_as(_CONV2D):
-            return call
-        attrs = call.attrs
-        x, weight = call.args
+def _winograd_rule(lanes: int) -> Rewrite:
+    def match(site: CallSite):
+        if not site.is_call_to(_CONV2D):
+            return None
+        attrs = site.call.attrs
+        x, weight = site.call.args
         shape = static_shape(x.ty)
         if (not isinstance(weight, tvm.ir.expr.Constant) or shape is None
                 or str(x.ty.dtype) != "float32"
@@ -164,24 +159,25 @@ class _WinogradConvs(FunctionRewriter):
                 or (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NCHW", "OIHW", "NCHW")
                 or [int(s) for s in attrs.strides] != [1, 1] or [int(d) for d in attrs.dilation] != [1, 1]
                 or [int(p) for p in attrs.padding] != [1, 1, 1, 1]):
-            return call
+            return None
         w = constant_array(weight)
-        tile = choose_tile(shape, w.shape[0], self.lanes)
+        tile = choose_tile(shape, w.shape[0], lanes)
         if w.shape[2:] != (3, 3) or str(w.dtype) != "float32" or tile is None:
-            return call
-        return self.builder_.call_te(winograd_conv2d_te, x, relax.const(transform_weight(w, tile), "float32"), tile,
-                                     primfunc_name_hint="conv2d_winograd")
+            return None
+        return w, tile
+
+    def replace(site: CallSite, bound):
+        w, tile = bound
+        return site.call_te(winograd_conv2d_te, site.call.args[0], relax.const(transform_weight(w, tile), "float32"),
+                            tile, primfunc_name_hint="conv2d_winograd")
+
+    return Rewrite("conv2d-winograd", match, replace, "3x3 stride-1 float32 conv with enough tiles -> Winograd")
 
 
 def winograd_convs(lanes: int) -> tvm.transform.Pass:
     """Module pass: 3x3 stride-1 float32 convs with constant weights and enough tiles become
     Winograd kernels (module doc).  Runs before ``conv_weight_to_hwio``."""
-
-    @tvm.transform.module_pass(opt_level=0, name="graphopt.WinogradConvs")
-    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return _WinogradConvs(mod, lanes).transform()
-
-    return _pass
+    return call_rewrite_pass("graphopt.WinogradConvs", [_winograd_rule(lanes)])
 
 
 # --------------------------------------------------------------------------- schedule
