@@ -89,11 +89,13 @@ def main() -> None:
     peak, how = nominal_peak_gflops()
     gemm = peers.gemm_gflops()
     print(f"\n{host_banner(args.target)}")
-    print(f"graphopt {graphopt.__version__}, pipeline '{args.pipeline}', target {args.target} (untuned), {THREADS} threads; "
+    print(f"graphopt {graphopt.__version__}, pipeline '{args.pipeline}', target {args.target} (untuned), "
+          f"{THREADS} threads; "
           f"latencies in ms, best of 3 interleaved medians; ratios > 1 mean graphopt is faster\n")
     print(table(["model", "batch", "compile s", "graphopt", "eager", "torch.compile", "ORT",
                  "vs eager", "vs torch.compile", "vs ORT", "vs best peer", "GFLOP/s"], rows))
-    print(f"\nfp32 peak: nominal {peak:.0f} GFLOP/s at the reported clock ({how}); torch GEMM 1024^3 reaches {gemm:.0f} GFLOP/s here.")
+    print(f"\nfp32 peak: nominal {peak:.0f} GFLOP/s at the reported clock ({how}); "
+          f"torch GEMM 1024^3 reaches {gemm:.0f} GFLOP/s here.")
 
 
 if __name__ == "__main__":

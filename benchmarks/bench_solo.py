@@ -72,7 +72,8 @@ def main() -> None:
         ms = {}
         for runtime in RUNTIMES:
             out = subprocess.run([sys.executable, __file__, args.model, "--batch", str(args.batch), "--runs",
-                                  str(args.runs), "--target", args.target, "--child", runtime], check=True, capture_output=True, text=True)
+                                  str(args.runs), "--target", args.target, "--child", runtime],
+                                 check=True, capture_output=True, text=True)
             ms[runtime] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"round {r} {runtime}: {ms[runtime]}", file=sys.stderr, flush=True)
         rows.append([r, ms["graphopt"]["min"], ms["graphopt"]["median"], ms["ort"]["min"], ms["ort"]["median"],

@@ -113,7 +113,8 @@ def main() -> None:
     ranked = sorted(counts, key=lambda n: -per_launch[n] * counts[n])
     for name in ranked[:args.top]:
         t = per_launch[name] * counts[name]
-        print(f"| {name} | {rule_of(mod[name]) or '-'} | {signature(mod[name])} | {counts[name]} | {per_launch[name]:.4f} | {t:.4f} | {100 * t / total:.1f}% "
+        print(f"| {name} | {rule_of(mod[name]) or '-'} | {signature(mod[name])} | {counts[name]} "
+              f"| {per_launch[name]:.4f} | {t:.4f} | {100 * t / total:.1f}% "
               f"| {gflop(mod[name]) / per_launch[name] * 1e3:.1f} |")
 
 

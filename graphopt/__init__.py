@@ -24,6 +24,7 @@ from graphopt.passes_base import GraphPass, PassResult, option, register_pass  #
 from graphopt.pipeline import Pipeline  # noqa: E402
 from graphopt.targets.tuning.tuner import RPC, Tune  # noqa: E402
 
-__all__ = ["capture", "optimize", "compile", "load", "calibrate", "finetune", "bisect", "explore", "Tune", "RPC", "Graph",
+__all__ = ["capture", "optimize", "compile", "load", "calibrate", "finetune", "bisect", "explore", "Tune", "RPC",
+           "Graph",
            "GraphSummary", "Pipeline", "GraphPass", "PassResult", "option", "register_pass", "CompiledModule",
            "errors", "__version__"]

@@ -10,8 +10,9 @@ into place; it never replaces a folder that is not a graphopt artifact, and a sa
 midway leaves the old artifact or the new one (graphopt/artifact_folder.py). ``graphopt.load``
 needs neither the original model nor its Python code; it checks the manifest, the library's
 hash, the target against this machine (architecture and CPU features) and the TVM version
-before loading, and every call checks input shapes and dtypes against the manifest. The manifest holds no timestamps: compiling
-the same model with the same pipeline twice gives byte-identical manifests.
+before loading, and every call checks input shapes and dtypes against the manifest. The manifest
+holds no timestamps: compiling the same model with the same pipeline twice gives byte-identical
+manifests.
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ def _random_inputs(shapes: list[tuple[int, ...]]) -> tuple[torch.Tensor, ...]:
     return tuple(torch.randn(s, generator=g) for s in shapes)
 
 
-def load_model(spec: str, input_shapes: list[str] | None = None) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], str]:
+def load_model(spec: str, input_shapes: list[str] | None = None
+               ) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], str]:
     """(module in eval mode, example inputs, a short name) for a MODEL argument."""
     shapes = [parse_shape(s) for s in input_shapes or []]
     if ".py:" in spec:

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.errors import (ArtifactError, CalibrationError, CaptureError, GraphoptError, InputError, PassError, PassOptionError,
-                             PipelineError, TargetError, ToolchainError, UnsupportedOpError)
+from graphopt.errors import (ArtifactError, CalibrationError, CaptureError, GraphoptError, InputError, PassError,
+                             PassOptionError, PipelineError, TargetError, ToolchainError, UnsupportedOpError)
 from graphopt.targets.aarch64 import toolchain
 from graphopt.testing import assert_matches_eager
 
@@ -225,7 +225,8 @@ CATALOGUE: list[tuple[str, Callable[[Ctx, Any], Any], type, type, str]] = [
      lambda c, m: graphopt.load(c.edit_manifest(c.copy_artifact(), target__tvm={"kind": "llvm",
                                                                                 "mtriple": "aarch64-linux-gnu"})),
      ArtifactError, OSError, r"was built for .*\(aarch64-linux-gnu\); this machine is x86_64"),
-    ("artifact_format_from_the_future", lambda c, m: graphopt.load(c.edit_manifest(c.copy_artifact(), format_version=99)),
+    ("artifact_format_from_the_future",
+     lambda c, m: graphopt.load(c.edit_manifest(c.copy_artifact(), format_version=99)),
      ArtifactError, OSError, r"format version 99 is not supported by this graphopt \(reads version 1\); rebuild it"),
     ("artifact_incompatible_tvm", lambda c, m: graphopt.load(c.edit_manifest(c.copy_artifact(), tvm_version="0.9.0")),
      ArtifactError, OSError, r"was built with TVM 0\.9\.0; this runtime is TVM 0\.27"),

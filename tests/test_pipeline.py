@@ -159,7 +159,8 @@ def test_verify_passes_real_quantize_and_prune(conv_bn_net):
 
 def test_failing_pass_is_reported_with_pipeline_context(test_passes):
     m = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    with pytest.raises(PassError, match=r"pass 'test-crash' \(after fold\) in pipeline 'fold,test-crash,dce' failed: KeyError"):
+    with pytest.raises(PassError,
+                       match=r"pass 'test-crash' \(after fold\) in pipeline 'fold,test-crash,dce' failed: KeyError"):
         graphopt.optimize(m, torch.randn(1, 4), "fold,test-crash,dce")
 
 

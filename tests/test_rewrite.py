@@ -45,7 +45,8 @@ def test_erase_removes_a_node_without_users_and_none_declines():
 
     gm = _traced(f)
     dead = lambda n: n if n.op == "call_function" and not n.users else None  # noqa: E731
-    counts = rewrite_fx(gm.graph, [Rewrite("decline", dead, lambda n, _: None), Rewrite("dead", dead, lambda n, _: ERASE)])
+    rules = [Rewrite("decline", dead, lambda n, _: None), Rewrite("dead", dead, lambda n, _: ERASE)]
+    counts = rewrite_fx(gm.graph, rules)
     assert counts == {}  # the first rule matched and declined: nothing else is tried on that node
     assert first_match([Rewrite("dead", dead, lambda n, _: ERASE)], next(n for n in gm.graph.nodes
                                                                           if n.target is torch.sin)) is not None

@@ -55,7 +55,8 @@ from graphopt.targets.frontend.lower import lower_to_relax  # noqa: E402
     ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "alderlake"}, "avx2", 8, 16, "avx-vnni-256"),
     ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sapphirerapids", "mattr": ["-avx512f"]},
      "avx2", 8, 16, "avx-vnni-256"),
-    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mattr": ["+avx512f", "+avx512vnni"]}, "avx512", 16, 32, "vnni-512"),
+    ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mattr": ["+avx512f", "+avx512vnni"]},
+     "avx512", 16, 32, "vnni-512"),
     ({"kind": "llvm", "mtriple": "x86_64-linux-gnu"}, "sse", 4, 16, "none"),
     ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod", "+i8mm"]}, "neon", 4, 32, "i8mm"),
 ])
@@ -184,7 +185,8 @@ def test_a_rule_that_raises_fails_a_strict_run(monkeypatch):
 def test_a_rule_that_raises_in_a_build_warns_and_the_next_rule_schedules(monkeypatch):
     monkeypatch.setenv("GRAPHOPT_STRICT_RULES", "0")
     mod = tvm.IRModule({"fused_relu": _relu_func()})
-    with pytest.warns(ScheduleRuleWarning, match=r"rule _Raises failed on PrimFunc fused_relu \(tile does not divide\)"):
+    with pytest.warns(ScheduleRuleWarning,
+                      match=r"rule _Raises failed on PrimFunc fused_relu \(tile does not divide\)"):
         out = cpu_schedule_pass(X86, [_Raises(), Fallback()])(mod)
     assert rule_of(out["fused_relu"]) == "Fallback"
 

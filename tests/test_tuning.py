@@ -197,7 +197,8 @@ def test_killed_run_resumes_without_remeasuring(tmp_path):
     assert tune.log.records_loaded == len(measured_before)
     assert tune.log.baselines_measured == 0  # the rule baseline was measured before the kill
     # only what was missing was measured (MetaSchedule may round up to a whole batch)
-    assert trials - len(measured_before) <= tune.log.measured <= trials - len(measured_before) + SMALL["trials_per_iter"]
+    todo = trials - len(measured_before)
+    assert todo <= tune.log.measured <= todo + SMALL["trials_per_iter"]
 
 
 @pytest.mark.slow

@@ -19,4 +19,5 @@ from graphopt.fuzz.harness import (Case, Comparison, Failure, Stage, check_spec,
 from graphopt.fuzz.minimize import minimize
 
 __all__ = ["GraphSpec", "Op", "generate", "Case", "Comparison", "Failure", "Report", "Stage", "check_spec",
-           "compare", "default_stages", "fuzz", "pass_stages", "stage_named", "minimize", "minimize_failure", "reproducer"]
+           "compare", "default_stages", "fuzz", "pass_stages", "stage_named", "minimize", "minimize_failure",
+           "reproducer"]

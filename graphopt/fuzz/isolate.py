@@ -4,7 +4,8 @@ A miscompiled kernel can kill the process (SIGILL from an instruction the CPU la
 SIGSEGV from an out-of-bounds store) instead of raising. :class:`IsolatedChecker` runs
 ``check_spec`` in a worker process (one, reused while it lives); when the worker dies,
 the batch is re-checked model by model and stage by stage in fresh workers, and a
-model and stage that kill two workers in a row are reported as a ``crash`` failure naming its seed and stage ("process killed").
+model and stage that kill two workers in a row are reported as a ``crash`` failure naming its seed and
+stage ("process killed").
 """
 
 from __future__ import annotations

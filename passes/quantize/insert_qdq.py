@@ -149,7 +149,8 @@ class QDQBuilder:
             key = (act, scale, zp)
             q = self._quantized.get(key)
             if q is None:
-                q = self._call(op.node, qd.quantize_per_tensor.default, (act, scale, zp, ACT_QMIN, ACT_QMAX, torch.int8))
+                q = self._call(op.node, qd.quantize_per_tensor.default,
+                               (act, scale, zp, ACT_QMIN, ACT_QMAX, torch.int8))
                 q.meta["qrange"] = (lo, hi)
                 self._quantized[key] = q
             dq = self._call(op.node, qd.dequantize_per_tensor.default, (q, scale, zp, ACT_QMIN, ACT_QMAX, torch.int8))
@@ -201,8 +202,8 @@ class QDQBuilder:
             if not isinstance(a, fx.Node) or not (_is_float(a) or "val" not in a.meta):
                 continue
             if self.graph.is_constant(a):
-                node.update_arg(i, self.graph.add_constant(self.graph.constant(a).to(dtype), f"{a.target}_{dtype_tag(dtype)}",
-                                                           before=node))
+                cast = self.graph.constant(a).to(dtype)
+                node.update_arg(i, self.graph.add_constant(cast, f"{a.target}_{dtype_tag(dtype)}", before=node))
             else:
                 node.update_arg(i, self._call(node, aten._to_copy.default, (a,), {"dtype": dtype}))
         with self.graph.fx_graph.inserting_after(node):

@@ -191,7 +191,8 @@ def div_scalar_mode(importer, node: fx.Node) -> relax.Expr:
     if not dtype.startswith(("float", "bfloat")):
         if mode == "floor":
             return bb.emit(relax.op.floor_divide(x, divisor))
-        quotient = bb.emit(relax.op.divide(bb.emit(relax.op.astype(x, "float64")), relax.const(node.args[1], "float64")))
+        wide = bb.emit(relax.op.astype(x, "float64"))
+        quotient = bb.emit(relax.op.divide(wide, relax.const(node.args[1], "float64")))
         return bb.emit(relax.op.astype(bb.emit(relax.op.trunc(quotient)), dtype))
     quotient = bb.emit(relax.op.divide(x, divisor))
     if mode is None:
