@@ -109,24 +109,11 @@ def _nan_select(importer, node: fx.Node, pick_first, name: str) -> relax.Expr:
     return bb.emit(relax.op.where(first, a, b))
 
 
-@register_converter("maximum.default", fixes_importer=True)
-def maximum(importer, node: fx.Node) -> relax.Expr:
-    return _nan_select(importer, node, relax.op.greater, "maximum.default")
-
-
-@register_converter("minimum.default", fixes_importer=True)
-def minimum(importer, node: fx.Node) -> relax.Expr:
-    return _nan_select(importer, node, relax.op.less, "minimum.default")
-
-
-@register_converter("max.other", fixes_importer=True)
-def max_other(importer, node: fx.Node) -> relax.Expr:
-    return _nan_select(importer, node, relax.op.greater, "max.other")
-
-
-@register_converter("min.other", fixes_importer=True)
-def min_other(importer, node: fx.Node) -> relax.Expr:
-    return _nan_select(importer, node, relax.op.less, "min.other")
+# op -> which operand a NaN-propagating select keeps when neither is NaN
+for _name, _pick_first in (("maximum.default", relax.op.greater), ("minimum.default", relax.op.less),
+                           ("max.other", relax.op.greater), ("min.other", relax.op.less)):
+    register_converter(_name, fixes_importer=True)(
+        functools.partial(_nan_select, pick_first=_pick_first, name=_name))
 
 
 @register_converter("relu6.default", fixes_importer=True)
@@ -314,19 +301,8 @@ def _adaptive_max_pool_nd(importer, node: fx.Node, nd: int) -> relax.Expr:
     return bb.emit(relax.Tuple([values]))
 
 
-@register_converter("adaptive_max_pool1d.default")
-def adaptive_max_pool1d(importer, node: fx.Node) -> relax.Expr:
-    return _adaptive_max_pool_nd(importer, node, 1)
-
-
-@register_converter("adaptive_max_pool2d.default")
-def adaptive_max_pool2d(importer, node: fx.Node) -> relax.Expr:
-    return _adaptive_max_pool_nd(importer, node, 2)
-
-
-@register_converter("adaptive_max_pool3d.default")
-def adaptive_max_pool3d(importer, node: fx.Node) -> relax.Expr:
-    return _adaptive_max_pool_nd(importer, node, 3)
+for _nd in (1, 2, 3):
+    register_converter(f"adaptive_max_pool{_nd}d.default")(functools.partial(_adaptive_max_pool_nd, nd=_nd))
 
 
 _HALF = ("float16", "bfloat16")

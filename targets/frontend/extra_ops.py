@@ -1,7 +1,7 @@
 """Converters for ATen ops TVM's importer lacks and PyTorch does not decompose.
 
 (Ops with a core-ATen decomposition, such as ``aten.diff`` or ``aten.where.ScalarOther``, need
-no converter: targets/frontend/support.py decomposes them before lowering.)
+no converter: targets/frontend/decompose.py decomposes them before lowering.)
 
 * ``amax`` / ``amin``: reductions over a list of dims that return NaN when a reduced element is
   NaN, like PyTorch (TVM's max/min reductions drop NaN; converters.py has the same combiners);
@@ -17,6 +17,8 @@ no converter: targets/frontend/support.py decomposes them before lowering.)
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch.fx as fx
 from tvm import relax, te
@@ -114,19 +116,8 @@ def _conv_padding(importer, node: fx.Node, nd: int) -> relax.Expr:
     return bb.emit(relax.op.astype(out, dtype)) if dtype != "float32" else out
 
 
-@register_converter("conv1d.padding")
-def conv1d_padding(importer, node: fx.Node) -> relax.Expr:
-    return _conv_padding(importer, node, 1)
-
-
-@register_converter("conv2d.padding")
-def conv2d_padding(importer, node: fx.Node) -> relax.Expr:
-    return _conv_padding(importer, node, 2)
-
-
-@register_converter("conv3d.padding")
-def conv3d_padding(importer, node: fx.Node) -> relax.Expr:
-    return _conv_padding(importer, node, 3)
+for _nd in (1, 2, 3):  # conv{1,2,3}d(padding="same"/"valid")
+    register_converter(f"conv{_nd}d.padding")(functools.partial(_conv_padding, nd=_nd))
 
 
 @register_converter("var_mean.correction")
