@@ -99,6 +99,20 @@ def loop_extent(sch: s_tir.Schedule, loop) -> int | None:
     return const_int(sch.get(loop).extent)
 
 
+def spread_loops(sch: s_tir.Schedule, parallel, cores: int, unroll=(), vectorize=None):
+    """The usual end of a loop nest: ``parallel`` (a loop, or loops fused into one) spread over
+    the cores when there is more than one, the ``unroll`` loops unrolled, ``vectorize``
+    vectorized. Returns the parallel loop."""
+    outer = sch.fuse(*parallel) if isinstance(parallel, (list, tuple)) else parallel
+    if cores > 1:
+        sch.parallel(outer)
+    for loop in unroll:
+        sch.unroll(loop)
+    if vectorize is not None:
+        sch.vectorize(vectorize)
+    return outer
+
+
 def iter_kinds(block: tirx.SBlock) -> str:
     """'S' for a data-parallel block iter, 'R' for a reduction one, 'O' otherwise."""
     kinds = {tirx.IterVar.DataPar: "S", tirx.IterVar.CommReduce: "R"}

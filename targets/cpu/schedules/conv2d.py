@@ -307,11 +307,7 @@ def _schedule_pointwise(sch, info: base.FuncInfo, m: ConvMatch):
         outer = fo = sch.fuse(n, hwo, fo)
     else:
         outer = sch.fuse(n, hwo)
-    if cores > 1:
-        sch.parallel(outer)
-    sch.unroll(fv)
-    sch.unroll(hwu)
-    sch.vectorize(hwv)
+    base.spread_loops(sch, outer, cores, unroll=(fv, hwu), vectorize=hwv)
     sch.reverse_compute_at(wb, fo, preserve_unit_loops=True)
     left = base.fuse_epilogue(sch, wb, post)
     wl = sch.get_loops(wb)

@@ -133,11 +133,7 @@ def _schedule_channel_blocked(sch, info: base.FuncInfo, target: Target, data, we
     rows = base.largest_divisor(int(block.iter_vars[2].dom.extent), max_rows) if blocked_in else 1
     yo, yi = sch.split(y, [None, rows])
     sch.reorder(n, fo, yo, yi, xo, rc, ry, rx, xi, fv)
-    outer = sch.fuse(n, fo, yo)
-    if cores > 1:
-        sch.parallel(outer)
-    sch.unroll(xi)
-    sch.vectorize(fv)
+    outer = base.spread_loops(sch, (n, fo, yo), cores, unroll=(xi,), vectorize=fv)
     # The sums of a whole task (rows x width x vec) are written back at its end, row by row,
     # each row a whole run of every channel's NCHW row.  Written back per register tile
     # (8 pixels), a task wrote 32 bytes at a time into 16 channel planes: 96x112x112/2
@@ -237,12 +233,7 @@ def _schedule_width_vectorized(sch, info: base.FuncInfo, target: Target):
     n, f, y, x, rc, ry, rx = sch.get_loops(main)
     xo, xu, xv = sch.split(x, [None, unroll, vw])
     sch.reorder(n, f, y, xo, rc, ry, rx, xu, xv)
-    outer = sch.fuse(n, f)
-    if cores > 1:
-        sch.parallel(outer)
-    sch.unroll(xu)
-    if vw > 1:
-        sch.vectorize(xv)
+    outer = base.spread_loops(sch, (n, f), cores, unroll=(xu,), vectorize=xv if vw > 1 else None)
     sch.reverse_compute_at(wb, xo, preserve_unit_loops=True)
     left = base.fuse_epilogue(sch, wb, post)
     wb_loops = sch.get_loops(wb)

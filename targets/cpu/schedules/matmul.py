@@ -113,10 +113,7 @@ def _schedule_gemv_split_k(sch, main, ji: int, cores: int, post):
     partial = sch.rfactor(ki, factor_axis=0)
     sch.set_scope(partial, 0, "local")
     jo, _i, ko, ki, jv = sch.get_loops(partial)
-    if cores > 1:
-        sch.parallel(jo)
-    sch.unroll(ki)
-    sch.vectorize(jv)
+    base.spread_loops(sch, jo, cores, unroll=(ki,), vectorize=jv)
     sch.decompose_reduction(partial, ko)
     # the final sum over the partial sums, and the epilogue, per column tile
     sch.reverse_compute_at(main, jo)

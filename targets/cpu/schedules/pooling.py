@@ -123,11 +123,7 @@ def _schedule_planar_window(sch, info: base.FuncInfo, exts, lanes: int, cores: i
     n, c, y, x, ry, rx = sch.get_loops(main)
     xo, xu, xv = sch.split(x, [None, unroll, vec])
     sch.reorder(n, c, y, xo, ry, rx, xu, xv)
-    plane = sch.fuse(n, c)
-    if cores > 1:
-        sch.parallel(plane)
-    sch.unroll(xu)
-    sch.vectorize(xv)
+    plane = base.spread_loops(sch, (n, c), cores, unroll=(xu,), vectorize=xv)
     sch.reverse_compute_at(acc, xo, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(acc)[-1])
     for b in post:

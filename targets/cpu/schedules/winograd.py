@@ -255,12 +255,7 @@ def _schedule_pack(sch, pack, rows, lanes, cores):
     _, e1, e2, p, c, rb = sch.get_loops(pack)
     co, cv = sch.split(c, [None, lanes])
     sch.reorder(p, co, e1, e2, rb, cv)
-    outer = sch.fuse(p, co)
-    if cores > 1:
-        sch.parallel(outer)
-    for lp in (e1, e2, rb):
-        sch.unroll(lp)
-    sch.vectorize(cv)
+    outer = base.spread_loops(sch, (p, co), cores, unroll=(e1, e2, rb), vectorize=cv)
     _local_transform(sch, rows, outer)
     init = sch.decompose_reduction(pack, e1)
     _unroll_vectorize(sch, init, 2)
@@ -298,11 +293,7 @@ def _schedule_gemm(sch, gemm, lanes, cores, max_acc):
     ko, kv = sch.split(k, [None, ki])
     po, pi = sch.split(p, [None, rp])
     sch.reorder(e1, e2, ko, po, rc, pi, kv)
-    outer = sch.fuse(e1, e2, ko)
-    if cores > 1:
-        sch.parallel(outer)
-    sch.unroll(pi)
-    sch.vectorize(kv)
+    base.spread_loops(sch, (e1, e2, ko), cores, unroll=(pi,), vectorize=kv)
     sch.reverse_compute_at(acc, po, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(acc)[-1])
     sch.decompose_reduction(gemm, rc)
@@ -320,11 +311,7 @@ def _schedule_inverse(sch, inverse, rows, post, lanes, cores):
     xo, xi = sch.split(x, [None, tile])
     ko, kv = sch.split(k, [None, lanes])
     sch.reorder(n, yo, xo, ko, yi, xi, r2, kv)
-    if cores > 1:
-        sch.parallel(yo)
-    for lp in (yi, xi, r2):
-        sch.unroll(lp)
-    sch.vectorize(kv)
+    base.spread_loops(sch, yo, cores, unroll=(yi, xi, r2), vectorize=kv)
     _local_transform(sch, rows, ko)
     sch.reverse_compute_at(acc, ko, preserve_unit_loops=True)
     left = base.fuse_epilogue(sch, acc, post)
