@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 
 os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
@@ -26,6 +27,9 @@ import torch  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt.models import REFERENCE_MODELS, load_digits_split, train_digits  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import host_banner  # noqa: E402
 
 
 
@@ -129,6 +133,7 @@ def main():
     p.add_argument("--models", default="digits_mlp,digits_cnn,resnet18,mobilenet_v2,transformer")
     p.add_argument("--repeat", type=int, default=20)
     args = p.parse_args()
+    print(host_banner("x86"))
     print("| model | runtime | artifact MB | ms (median, batch 1) | speedup vs ours fp32 | quality |")
     print("|---|---|---|---|---|---|")
     for name in args.models.split(","):
