@@ -9,8 +9,9 @@ registers and multiply-accumulates a vector of output features; the scales get t
 a whole number of vectors on every CPU the rules tile for (8 x 8 fp32 lanes for AVX2,
 4 x 16 for AVX-512, 16 x 4 for NEON), so the layout does not depend on the target.
 
-The reduction runs over (group, byte in group, nibble) so the scale of a group and the
-nibble's shift are loop invariants of the innermost loops; the float weight never exists.
+Each group's dot product of the input with the unsigned nibbles is taken first, then scaled
+and corrected for the nibbles' offset of 8 once per group (``int4_linear_te``); the nibble's
+shift is a constant of the unrolled innermost loop; the float weight never exists.
 ``out_features`` is padded to a multiple of ``TILE`` with zero weights (the padded outputs
 are cut off by the epilogue, which also adds the bias); ``in_features`` that is not a
 multiple of the group reads zeros past its end. The schedule is
@@ -47,23 +48,37 @@ def tiled_weight(packed: np.ndarray, scales: np.ndarray, group: int, tile: int =
 
 def int4_linear_te(x: te.Tensor, weight: te.Tensor, scales: te.Tensor, bias: te.Tensor | None,
                    in_features: int, out_features: int, group: int):
-    """``x (M, K) @ dequantize(weight).T + bias`` with the unpacking inside the reduction."""
+    """``x (M, K) @ dequantize(weight).T + bias`` with the unpacking inside the reduction.
+
+    With ``u`` the stored nibble (``q + 8``), ``sum_k x_k (u_k - 8) s_g`` is computed per group
+    as ``s_g * (sum_{k in g} x_k u_k - 8 sum_{k in g} x_k)``: the innermost step is an unpack,
+    a conversion and one multiply-add; the scale and the offset cost once per group."""
     n_tiles, groups, tile = (int(d) for d in scales.shape)
     half = group // 2
-    g = te.reduce_axis((0, groups), "g")
+
+    def x_at(m, k):
+        if in_features % group == 0:
+            return x[m, k]
+        return tirx.if_then_else(k < in_features, x[m, tirx.min(k, in_features - 1)], tirx.const(0.0, "float32"))
+
+    kk = te.reduce_axis((0, group), "kk")
+    x_sum = te.compute((x.shape[0], groups), lambda m, g: te.sum(x_at(m, g * group + kk), axis=kk),
+                       name="linear_int4_xsum")
     kb = te.reduce_axis((0, half), "kb")
     nib = te.reduce_axis((0, 2), "nib")
 
-    def body(m, n):
-        k = g * group + kb * 2 + nib
+    def group_dot(m, g, n):
         byte = weight[n // tile, g * half + kb, n % tile]
-        q = ((byte >> (nib * 4).astype("uint8")) & tirx.const(15, "uint8")).astype("float32")
-        xv = x[m, k]
-        if in_features % group:
-            xv = tirx.if_then_else(k < in_features, x[m, tirx.min(k, in_features - 1)], tirx.const(0.0, "float32"))
-        return te.sum(xv * ((q - tirx.const(8.0, "float32")) * scales[n // tile, g, n % tile]), axis=[g, kb, nib])
+        u = ((byte >> (nib * 4).astype("uint8")) & tirx.const(15, "uint8")).astype("float32")
+        return te.sum(x_at(m, g * group + kb * 2 + nib) * u, axis=[kb, nib])
 
-    acc = te.compute((x.shape[0], n_tiles * tile), body, name="linear_int4", attrs={INT4_BLOCK_ATTR: tile})
+    dots = te.compute((x.shape[0], groups, n_tiles * tile), group_dot, name="linear_int4_group")
+    g = te.reduce_axis((0, groups), "g")
+    acc = te.compute(
+        (x.shape[0], n_tiles * tile),
+        lambda m, n: te.sum(scales[n // tile, g, n % tile]
+                            * (dots[m, g, n] - tirx.const(8.0, "float32") * x_sum[m, g]), axis=g),
+        name="linear_int4", attrs={INT4_BLOCK_ATTR: tile})
     if bias is None and out_features == n_tiles * tile:
         return acc
     if bias is None:

@@ -1,19 +1,25 @@
 """int4 weight-only linear (targets/frontend/int4.py): a vector of output features per step.
 
-The kernel's reduction block ``acc[m, n] += x[m, k] * (nibble(W[n/T, k/2, n%T]) - 8) * s[n/T, g, n%T]``
-carries ``INT4_BLOCK_ATTR`` (the tile width ``T``, 64). Schedule::
+The kernel is three reductions: ``xsum[m, g]`` (the input summed per group),
+``dots[m, g, n] = sum_{k in g} x[m, k] * u(W[n/T, k/2, n%T])`` (``u`` the stored nibble) and the
+annotated main block ``acc[m, n] += s[n/T, g, n%T] * (dots[m, g, n] - 8 xsum[m, g])``, whose
+annotation ``INT4_BLOCK_ATTR`` is the tile width ``T`` (64). Schedule::
 
+    xsum                                   # M x groups adds, before the parallel loop
     parallel for tile in N/T:              # one 64-byte line of packed weight per input pair
       for m:                               # the batch rows (1 for a batch-1 GEMV)
-        acc_local[0:T] = 0                 # T accumulators: T/lanes vector registers
-        for g, kb:                         # group, byte in the group: scale load hoisted
-          for nib in 0, 1 (unrolled):      # low then high nibble: a constant shift
-            acc_local[0:T] += x[m, k] * (float((W[tile, byte, 0:T] >> 4nib) & 15) - 8) * s[tile, g, 0:T]
+        acc_local[0:T] = 0
+        for g:
+          dots_local[0:T] = 0              # T accumulators: T/lanes vector registers
+          for kb, nib (nib unrolled: a constant shift):
+            dots_local[0:T] += x[m, k] * float((W[tile, byte, 0:T] >> 4nib) & 15)
+          acc_local[0:T] += s[tile, g, 0:T] * (dots_local[0:T] - 8 xsum[m, g])
         epilogue (bias, activation) on acc_local, written out
 
-Batch-1 linear layers are bound by the weight's memory traffic; reading 4 bits per weight
-instead of 32 is the point, and the T contiguous bytes per step keep the reads sequential.
-Larger batches reuse each unpacked weight vector across the rows of ``m`` from registers.
+The innermost step is an unpack, a conversion and a multiply-add per vector; the scale and
+the nibble offset cost once per group. Batch-1 linear layers are bound by the weight's
+memory traffic; reading 4 bits per weight instead of 32 is the point, and the T contiguous
+bytes per step keep the reads sequential.
 """
 
 from __future__ import annotations
@@ -34,33 +40,42 @@ class Int4Linear(base.CPURule):
 
     def match(self, info: base.FuncInfo, target: Target):
         sch = info.sch
-        mains = [b for b in info.blocks if INT4_BLOCK_ATTR in sch.get(b).annotations]
-        if len(mains) != 1 or info.blocks[0] != mains[0]:
+        names = [sch.get(b).name_hint for b in info.blocks]
+        mains = [i for i, b in enumerate(info.blocks) if INT4_BLOCK_ATTR in sch.get(b).annotations]
+        if len(mains) != 1 or sorted(names[:mains[0]]) != ["linear_int4_group", "linear_int4_xsum"]:
             return None
-        tile = int(sch.get(mains[0]).annotations[INT4_BLOCK_ATTR])
-        if len(sch.get_loops(mains[0])) != 5 or tile % base.simd_lanes(target) != 0:
+        main = info.blocks[mains[0]]
+        tile = int(sch.get(main).annotations[INT4_BLOCK_ATTR])
+        if len(sch.get_loops(main)) != 3 or tile % base.simd_lanes(target) != 0:
             return None
-        return mains[0], info.blocks[1:], tile
+        dots = info.blocks[names.index("linear_int4_group")]
+        return dots, main, info.blocks[mains[0] + 1:], tile
 
     def schedule(self, info: base.FuncInfo, match, target: Target) -> s_tir.Schedule:
         sch = info.sch
-        main, post, tile = match
-        m, n, g, kb, nib = sch.get_loops(main)
+        dots, main, post, tile = match
+        m, n, g = sch.get_loops(main)
         tile_loop, lane = sch.split(n, [None, tile])
-        sch.reorder(tile_loop, m, g, kb, nib, lane)
+        sch.reorder(tile_loop, m, g, lane)
         acc = sch.cache_write(main, 0, "local")
         sch.reverse_compute_at(acc, m)
         for block in post:  # bias, activation: applied to the tile before it leaves the registers
             sch.reverse_compute_at(block, m)
         if post:
             sch.compute_inline(acc)  # the first epilogue block reads the accumulators directly
+        # one group's dot products for the tile, in registers, right where the group's scale is applied
+        sch.compute_at(dots, g)
+        sch.set_scope(dots, 0, "local")
+        dot_lane, kb, nib = sch.get_loops(dots)[-3:]
+        sch.reorder(kb, nib, dot_lane)
         sch.unroll(nib)
+        sch.vectorize(dot_lane)
         sch.vectorize(lane)
         for block in post if post else [acc]:
             inner = sch.get_loops(block)[-1]
             if base.loop_extent(sch, inner) is not None:
                 sch.vectorize(inner)
-        sch.parallel(tile_loop)  # before the init is split off: parallel needs the whole reduction
-        init = sch.decompose_reduction(main, g)
-        sch.vectorize(sch.get_loops(init)[-1])
+        sch.parallel(tile_loop)  # before the inits are split off: parallel needs whole reductions
+        sch.vectorize(sch.get_loops(sch.decompose_reduction(dots, kb))[-1])
+        sch.vectorize(sch.get_loops(sch.decompose_reduction(main, g))[-1])
         return sch
