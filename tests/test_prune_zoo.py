@@ -7,7 +7,10 @@ fp32 rung. The fast subset covers the structures pruning has to see through: cha
 shuffle and split (ShuffleNetV2), fire-module concats (SqueezeNet), squeeze-excitation
 gates on depthwise-separable stacks (MobileNetV3), grouped convs with groups != channels
 plus SE (RegNetY), dense concat chains (DenseNet) and patch embedding with multi-head
-attention (ViT). The whole list runs under the ``slow`` marker.
+attention (ViT). The whole list runs under the ``slow`` marker. The zoo's small HF
+transformers check heads and FFN pruning: BERT (multi-head attention), GPT-2 (``Conv1D``
+layers, i.e. addmm with transposed weights) and Llama (rotary embeddings, grouped-query
+attention: a unit is one key/value head with the query heads sharing it).
 """
 
 from __future__ import annotations
@@ -27,13 +30,16 @@ RATIOS = [0.3, 0.5]
 TOO_LARGE = {"vit_h_14", "regnet_y_128gf", "regnet_y_32gf", "regnet_y_16gf", "vit_l_16", "vit_l_32"}
 
 
+HF = ["hf/bert", "hf/gpt2", "hf/llama"]
+
+
 @functools.lru_cache(maxsize=2)
 def captured(name: str) -> tuple[graphopt.Graph, tuple[torch.Tensor, ...]]:
-    model, inputs = zoo_model(f"torchvision/{name}").build()
+    model, inputs = zoo_model(name if "/" in name else f"torchvision/{name}").build()
     return graphopt.capture(model, *inputs), inputs
 
 
-def prune_and_check(name: str, ratio: float) -> None:
+def prune_and_check(name: str, ratio: float) -> graphopt.Graph:
     graph, inputs = captured(name)
     pruned = graphopt.optimize(graph, pipeline=f"fold,prune{{ratio={ratio}}}")
     pruned.check()
@@ -53,12 +59,20 @@ def prune_and_check(name: str, ratio: float) -> None:
     assert all(torch.isfinite(t).all() for t in eager)
     compiled = graphopt.compile(pruned, "x86")
     assert_close(compiled(*inputs), eager[0] if len(eager) == 1 else eager, "algebraic")
+    return pruned
 
 
 @pytest.mark.parametrize("ratio", RATIOS)
 @pytest.mark.parametrize("name", FAST)
 def test_pruned_model_is_smaller_valid_and_compiles_to_the_same_outputs(name, ratio):
     prune_and_check(name, ratio)
+
+
+@pytest.mark.parametrize("name", HF)
+def test_transformer_heads_and_ffn_prune_and_compile_to_the_same_outputs(name):
+    report = prune_and_check(name, 0.5).annotations["prune_report"]
+    attention = [r for r in report if any("attn" in layer or "attention" in layer for layer in r["layers"])]
+    assert any(r["status"] == "pruned" for r in attention), report
 
 
 @pytest.mark.slow

@@ -172,6 +172,7 @@ class ChannelDependencyGraph:
         self.producers = prop.producers
         self.depthwise = prop.depthwise
         self.unknown_ops = prop.unknown_ops
+        self.fixed_axes = prop.fixed_axes
         self._make_rectangular()
         self._regroup()
 
@@ -231,6 +232,11 @@ class ChannelDependencyGraph:
                         for u in torch.unique(row).tolist():
                             changed |= self._uf.union(int(row[0]), u, f"{node.name} mixes channels with other axes")
                 changed |= self._index_constraints(node, roots)
+            for raw, axis, op in self.fixed_axes:
+                t = self._compressed_roots(raw, self._uf.roots())
+                if axis in varying_axes(t):
+                    for u in torch.unique(t).tolist():
+                        changed |= self._uf.union(u, FROZEN, f"{op} combines it with a fixed-width tensor")
 
     def _index_constraints(self, node: fx.Node, roots: torch.Tensor) -> bool:
         """select/strided slice along a prunable axis: freeze the units picked."""

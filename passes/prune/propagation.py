@@ -121,6 +121,8 @@ class Propagator:
         self.depthwise: set[fx.Node] = set()
         self.unknown_ops: dict[str, int] = {}
         self.current: fx.Node | None = None
+        # (labels, axis, op): that axis of those labels must keep its size
+        self.fixed_axes: list[tuple[torch.Tensor, int, str]] = []
 
     # ------------------------------------------------------------ helpers
     def freeze(self, labels: Any, reason: str) -> None:
@@ -394,6 +396,15 @@ class Propagator:
         for other in views[1:]:
             for axis in range(rank):
                 if shape[axis] > 1 and first.shape[axis] == other.shape[axis] == shape[axis]:
+                    fixed = [t for t in (first, other) if bool((core(t) == FROZEN).all())]
+                    if len(fixed) == 1:
+                        # Against a tensor no pruning can narrow (rotary cos/sin, a mask from
+                        # the inputs) this axis must keep its size: decided in the fix-point,
+                        # where whole heads may already be one unit and the axis not shrink.
+                        self.fixed_axes.append((other if fixed[0] is first else first, axis, node.name))
+                        continue
+                    if self._unite_elementwise(first, other, shape):
+                        break
                     self.unite_many(self.slice_units(first, axis, True), self.slice_units(other, axis, True))
         main = max(views, key=lambda t: (len(varying_axes(t)), t.numel()))
         for other in views:
@@ -409,6 +420,21 @@ class Propagator:
         if isinstance(shape[0], tuple):  # native_dropout and friends return (out, mask)
             return (out, None)
         return out
+
+    def _unite_elementwise(self, a: torch.Tensor, b: torch.Tensor, shape: tuple[int, ...]) -> bool:
+        """Operands that both vary along two or more shared axes (q and its rotated half in
+        rotary embeddings vary along heads and head_dim): unite them element by element.
+        Slice by slice would unite index ``j`` of head_dim across all heads and so every head
+        with every other. Returns False (not applied) for the common one-axis case."""
+        shared = [d for d in range(len(shape)) if shape[d] > 1 and a.shape[d] == b.shape[d] == shape[d]]
+        if len([d for d in shared if d in varying_axes(a)]) < 2 or \
+                len([d for d in shared if d in varying_axes(b)]) < 2:
+            return False
+        for d in range(len(shape)):
+            if d not in shared:
+                a, b = a.narrow(d, 0, 1), b.narrow(d, 0, 1)
+        self.unite_many(a, b)
+        return True
 
     def unknown(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
         name = str(node.target)
