@@ -102,6 +102,20 @@ def test_compiled_int4_matches_the_int4_graph(group, bias, in_features, out_feat
     assert_close(compiled(x), graph(x)[0], "algebraic")
 
 
+def test_compiled_int4_takes_any_batch_size():
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 96), nn.GELU(), nn.Linear(96, 16)).eval()
+    dynamic = ({0: Dim("batch")},)
+    graph = graphopt.optimize(model, (torch.randn(4, 128),), "fold,quantize{mode=int4,group=64}",
+                              dynamic_shapes=dynamic)
+    compiled = graphopt.compile(graph, "x86", pipeline="fuse")
+    for batch in (1, 7):
+        x = torch.randn(batch, 128)
+        assert_close(compiled(x), graph(x)[0], "algebraic", what=f"batch {batch}")
+
+
 def test_int4_artifact_is_at_most_a_fifth_of_fp32(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 512)).eval()

@@ -9,6 +9,8 @@
   unless ``per_channel=false``. Activations: asymmetric unless ``symmetric=true``.
 * ``dynamic``: int8 weights; activation scales computed per batch at run time (symmetric).
 * ``fp16`` / ``bf16``: the op and its weights in half precision, casts around it.
+* ``int4``: weight-only, for linear (and matmul by a constant weight): weights packed two per
+  byte with one scale per ``group`` input features, activations float (int4.py).
 * ``skip``: layers kept in float, by module path (``layer1.0.conv1``) or node name; globs
   allowed (``layer4.*``).
 * ``max_error``: accuracy budget (relative L2 output error vs float on the calibration
