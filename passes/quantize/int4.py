@@ -16,7 +16,7 @@ Every float32 ``linear`` with a constant weight (and every ``mm``/``matmul`` by 
 
 The op is a ``torch.library`` custom op whose CPU implementation unpacks, dequantizes and
 calls ``linear``: the graph still runs eagerly and is the numerical reference of the TVM
-kernel (targets/frontend/int4.py), which unpacks in registers and never materializes the
+kernel (targets/frontend/quantized_int4.py), which unpacks in registers and never materializes the
 float weight.
 """
 

@@ -58,7 +58,7 @@ EXTRA_CONVERTERS: dict[str, Callable[["GraphImporter", fx.Node], Any]] = {}
 # Modules that register converters; imported on first use so TVM-free code paths stay light.
 _CONVERTER_MODULES = ("graphopt.targets.frontend.converters", "graphopt.targets.frontend.indexing",
                       "graphopt.targets.frontend.extra_ops", "graphopt.targets.frontend.quantized",
-                      "graphopt.targets.frontend.int4")
+                      "graphopt.targets.frontend.quantized_int4")
 
 
 def register_converter(op_name: str, *, fixes_importer: bool = False):

@@ -26,7 +26,7 @@ from .conv2d import Conv2dNCHW
 from .conv_depthwise import ConvThenDepthwise
 from .depthwise import DepthwiseConv2dNCHW
 from .elementwise import Fallback, Injective
-from .int4 import Int4Linear
+from .int4_linear import Int4Linear
 from .int8 import Int8DotProduct
 from .matmul import Matmul
 from .pooling import Pooling

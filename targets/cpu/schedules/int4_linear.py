@@ -1,4 +1,4 @@
-"""int4 weight-only linear (targets/frontend/int4.py): a vector of output features per step.
+"""int4 weight-only linear (targets/frontend/quantized_int4.py): a vector of output features per step.
 
 The kernel is three reductions: ``xsum[m, g]`` (the input summed per group),
 ``dots[m, g, n] = sum_{k in g} x[m, k] * u(W[n/T, k/2, n%T])`` (``u`` the stored nibble) and the
@@ -27,13 +27,13 @@ from __future__ import annotations
 from tvm import s_tir
 from tvm.target import Target
 
-from graphopt.targets.frontend.int4 import INT4_BLOCK_ATTR
+from graphopt.targets.frontend.quantized_int4 import INT4_BLOCK_ATTR
 
 from . import base
 
 
 class Int4Linear(base.CPURule):
-    """The int4 linear kernel of targets/frontend/int4.py, found by its block annotation."""
+    """The int4 linear kernel of targets/frontend/quantized_int4.py, found by its block annotation."""
 
     def analyze(self, func):
         return base.root_blocks(func)

@@ -15,7 +15,7 @@ shift is a constant of the unrolled innermost loop; the float weight never exist
 ``out_features`` is padded to a multiple of ``TILE`` with zero weights (the padded outputs
 are cut off by the epilogue, which also adds the bias); ``in_features`` that is not a
 multiple of the group reads zeros past its end. The schedule is
-targets/cpu/schedules/int4.py, which finds the reduction block by ``INT4_BLOCK_ATTR``.
+targets/cpu/schedules/int4_linear.py, which finds the reduction block by ``INT4_BLOCK_ATTR``.
 """
 
 from __future__ import annotations
