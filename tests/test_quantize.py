@@ -98,8 +98,8 @@ def test_static_int8_without_ranges_is_a_clear_error(convnet):
 
 
 def test_bad_options_are_rejected():
-    with pytest.raises(PipelineError, match="mode=int4 is not one of int8, dynamic, fp16, bf16"):
-        graphopt.Pipeline.parse("quantize{mode=int4}")
+    with pytest.raises(PipelineError, match="mode=int2 is not one of int8, dynamic, fp16, bf16, int4"):
+        graphopt.Pipeline.parse("quantize{mode=int2}")
     with pytest.raises(PipelineError, match="calib=kl"):
         graphopt.Pipeline.parse("quantize{calib=kl}")
     text = "quantize{mode=int8,calib=entropy,per_channel=false,skip=[fc],max_error=0.05}"
