@@ -125,3 +125,17 @@ def is_softmax(node: fx.Node) -> bool:
 
 def is_matmul(node: fx.Node) -> bool:
     return node.op == "call_function" and _packet(node) in (aten.matmul, aten.bmm, aten.mm)
+
+
+def is_pure(node: fx.Node) -> bool:
+    """No side effects and no randomness: safe to dedupe, fold or drop."""
+    if node.op != "call_function":
+        return False
+    t = node.target
+    tags = getattr(t, "tags", ())
+    if torch.Tag.nondeterministic_seeded in tags:
+        return False
+    schema = getattr(t, "_schema", None)
+    if schema is not None and schema.is_mutable:
+        return False
+    return True

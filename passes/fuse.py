@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from graphopt.graph import Graph
-from graphopt.passes.fusion.groups import Grouping, compile_time_nodes, node_groups
+from graphopt.fusion_groups import compile_time_nodes, node_groups
+from graphopt.passes.fusion.groups import Grouping
 from graphopt.op_kinds import is_compute
 from graphopt.passes.fusion.patterns import PATTERNS
 from graphopt.passes_base import GraphPass, PassResult, option, register_pass

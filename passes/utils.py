@@ -7,7 +7,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from graphopt.op_kinds import is_pure  # the op vocabulary passes and targets share
+
 aten = torch.ops.aten
+
+__all__ = ["aten", "is_op", "is_pure", "arg", "set_arg", "shape", "single_user", "module_path"]
 
 
 def is_op(node: Any, *ops: Any) -> bool:
@@ -19,20 +23,6 @@ def is_op(node: Any, *ops: Any) -> bool:
         if t is op or getattr(t, "overloadpacket", None) is op:
             return True
     return False
-
-
-def is_pure(node: fx.Node) -> bool:
-    """No side effects and no randomness: safe to dedupe, fold or drop."""
-    if node.op != "call_function":
-        return False
-    t = node.target
-    tags = getattr(t, "tags", ())
-    if torch.Tag.nondeterministic_seeded in tags:
-        return False
-    schema = getattr(t, "_schema", None)
-    if schema is not None and schema.is_mutable:
-        return False
-    return True
 
 
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:

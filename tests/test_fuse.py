@@ -17,7 +17,8 @@ import graphopt
 from graphopt.errors import GraphInvariantError, PassOptionError
 from graphopt.models import REFERENCE_MODELS
 from graphopt.passes.fuse import Fuse, expected_kernels
-from graphopt.passes.fusion.groups import Grouping, node_groups, validate_groups
+from graphopt.fusion_groups import node_groups, validate_groups
+from graphopt.passes.fusion.groups import Grouping
 from graphopt.pipeline import DEFAULT_PIPELINE, Pipeline
 from graphopt.printer import op_name
 from graphopt.testing import assert_matches_eager

@@ -1,25 +1,8 @@
-"""Fusion groups under construction, and the rules that keep every group legal.
+"""Fusion groups under construction: the engine that grows groups and keeps each legal.
 
-A fusion group is a set of call nodes that the backend runs as ONE kernel. Invariants
-(checked while growing and again by :func:`validate_groups` before lowering):
-
-1. **One output.** Exactly one member (the group's output) has users outside the group;
-   every other member's value lives only inside the kernel. "A value used outside the
-   group" therefore never fuses.
-2. **No cycle.** Contracting every group to one vertex leaves the graph a DAG: otherwise
-   some kernel would need its own output as input (``a -> x -> b`` with ``a, b`` in the
-   group and ``x`` outside). Checked on the networkx view with each group contracted.
-3. **At least two ops that compute.** A "group" of one kernel op (plus views) fuses nothing
-   and is dissolved.
-4. **Only work done at run time.** An op whose value depends on no graph input (a mask
-   built from ``arange`` and constants, as transformers build theirs) is computed once
-   while the backend builds (TVM's FoldConstant): it is no kernel, joins no group, and
-   is emitted inline (:func:`compile_time_nodes`). A kernel made of such ops would fold
-   to a function that computes nothing, which TVM cannot turn into a PrimFunc.
-
-The record lives on the graph: ``node.meta["fusion_group"] = gid`` for every member (the
-printer, summary and picture show it), and ``graph.annotations["fusion"]`` keeps each
-group's pattern and the intermediate bytes it saves.
+What a group is, its invariants and their final check live with the graph
+(graphopt/fusion_groups.py); :class:`Grouping` enforces the same invariants while the
+patterns (patterns.py) grow groups, so a pattern only says what it would like to fuse.
 """
 
 from __future__ import annotations
@@ -30,9 +13,8 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from graphopt.errors import GraphInvariantError
+from graphopt.fusion_groups import compile_time_nodes
 from graphopt.op_kinds import is_compute, kind
-from graphopt.passes.utils import is_pure
 
 
 def out_bytes(node: fx.Node) -> int:
@@ -62,21 +44,6 @@ class Group:
         """Bytes of the intermediates that no longer go through memory (views move none)."""
         out = self.output()
         return sum(out_bytes(m) for m in self.members if m is not out and is_compute(m))
-
-
-def compile_time_nodes(graph) -> set[fx.Node]:
-    """The call nodes whose value depends on no graph input: pure ops on constants only
-    (``get_attr``s, other such nodes, or nothing at all, like ``arange(16)``).
-
-    The backend evaluates them while it builds, so they are never kernels (invariant 4).
-    Random ops (``rand``) read no input either but give a new value every call: not these.
-    """
-    found: set[fx.Node] = set()
-    for n in graph.nodes:
-        if n.op == "call_function" and is_pure(n) and all(
-                a.op == "get_attr" or a in found for a in n.all_input_nodes):
-            found.add(n)
-    return found
 
 
 class Grouping:
@@ -188,42 +155,3 @@ class Grouping:
                                     if p in self.vertex and self.vertex[p] != v)
             self.dag.add_edges_from((v, self.vertex[u]) for u in m.users
                                     if u in self.vertex and self.vertex[u] != v)
-
-
-def node_groups(graph) -> dict[int, list[fx.Node]]:
-    """The groups recorded on ``graph`` (``meta["fusion_group"]``), members in graph order."""
-    groups: dict[int, list[fx.Node]] = {}
-    for n in graph.nodes:
-        gid = n.meta.get("fusion_group")
-        if gid is not None:
-            groups.setdefault(gid, []).append(n)
-    return groups
-
-
-def validate_groups(graph) -> dict[int, list[fx.Node]]:
-    """Check the recorded groups against the invariants; raise GraphInvariantError.
-
-    Run before lowering: a pass after ``fuse`` may have changed the graph under a group.
-    """
-    groups = node_groups(graph)
-    dag = graph.to_networkx()
-    mapping = {}
-    for gid, members in groups.items():
-        names = {m.name for m in members}
-        bad = [m.name for m in members if m.op != "call_function"]
-        if bad:
-            raise GraphInvariantError(f"fusion group {gid} contains non-op nodes {bad}")
-        escaping = [m.name for m in members if any(u.name not in names for u in m.users)]
-        if len(escaping) != 1:
-            raise GraphInvariantError(
-                f"fusion group {gid} has {len(escaping)} values used outside it ({escaping}); "
-                "a group must have exactly one output")
-        mapping.update({name: ("group", gid) for name in names})
-    quotient = nx.DiGraph()
-    quotient.add_nodes_from(mapping.get(v, v) for v in dag.nodes)
-    quotient.add_edges_from((mapping.get(a, a), mapping.get(b, b)) for a, b in dag.edges
-                            if mapping.get(a, a) != mapping.get(b, b))
-    if not nx.is_directed_acyclic_graph(quotient):
-        cycle = nx.find_cycle(quotient)
-        raise GraphInvariantError(f"fusion groups form a cycle when contracted: {cycle}")
-    return groups

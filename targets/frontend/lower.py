@@ -388,6 +388,22 @@ def _symbol_names(graph: Graph) -> dict[str, str]:
 KERNEL_ATTR = "graphopt.kernel"
 
 
+# Ops whose value is a fill: they read only the shape (and dtype) of their input.
+FILL_OPS = frozenset({"new_ones.default", "new_zeros.default", "new_full.default", "new_empty.default",
+                      "ones_like.default", "zeros_like.default", "full_like.default", "empty_like.default"})
+
+
+def is_static_fill(node: fx.Node) -> bool:
+    """A fill of a static shape: a constant, even when its input depends on a dynamic size.
+
+    It is emitted inline in ``main`` (FoldConstant makes it a constant there): a kernel made of
+    it alone would fold to a function that computes nothing, which FuseTIR cannot make a
+    PrimFunc of (the mask of transformers' BERT over a dynamic sequence has one)."""
+    val = node.meta.get("val")
+    return (node.op == "call_function" and getattr(node.target, "__name__", "") in FILL_OPS
+            and isinstance(val, torch.Tensor) and not any(isinstance(d, torch.SymInt) for d in val.shape))
+
+
 class Kernel:
     """The nodes the graph runs as one kernel: a fusion group, or one ungrouped op."""
 
@@ -402,7 +418,7 @@ def kernel_partition(graph: Graph) -> dict[fx.Node, Kernel]:
 
     Groups are checked first (a pass after ``fuse`` may have broken one): GraphInvariantError.
     """
-    from graphopt.passes.fusion.groups import compile_time_nodes, validate_groups
+    from graphopt.fusion_groups import compile_time_nodes, validate_groups
     from graphopt.op_kinds import is_compute
     from graphopt.printer import op_name
 
@@ -416,14 +432,15 @@ def kernel_partition(graph: Graph) -> dict[fx.Node, Kernel]:
     inline = compile_time_nodes(graph)
     partition: dict[fx.Node, Kernel] = {}
     for gid, members in groups.items():
-        members = [m for m in members if not is_size_value(m) and m not in inline]  # sizes are emitted inline
+        # sizes and fills are emitted inline
+        members = [m for m in members if not is_size_value(m) and m not in inline and not is_static_fill(m)]
         if not members:
             continue
         ops = [op_name(m).split(".")[0] for m in members if is_compute(m)]
         kernel = Kernel(f"group{gid}_" + "_".join(ops)[:48], members, gid)
         partition.update((m, kernel) for m in members)
     for n in graph.call_nodes():
-        if n not in partition and is_compute(n) and not is_size_value(n) and n not in inline:
+        if n not in partition and is_compute(n) and not is_size_value(n) and n not in inline and not is_static_fill(n):
             partition[n] = Kernel(f"op_{n.name}", [n], -1)
     return partition
 
