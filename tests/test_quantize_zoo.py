@@ -138,17 +138,21 @@ def _check(name: str) -> dict:
         # no dot-product instruction: no int8 layer would beat float
         assert report["quantized"] == [] and report["float"]
         assert all(r["reason"].startswith("no int8 dot-product kernel") for r in report["float_why"])
-    else:
-        assert report["quantized"]
     return report
 
 
 @pytest.mark.parametrize("name", FAST)
 def test_static_int8_on_a_zoo_model_is_within_cosine_0_99_of_float(name):
     report = _check(name)
-    if integer_target("x86").dot is not None:
-        # resnet18's and squeezenet's convs, the encoders' linears (attention is one sdpa op)
+    if integer_target("x86").dot is None:
+        return
+    reasons = {r["reason"].split(":")[0] for r in report["float_why"]}
+    if name == "resnet18":  # every conv and the fc have 0.5M MACs or more
         assert report["float"] == []
+    elif name.startswith("hf:"):  # 16 tokens of width 64: every linear is too small to pay
+        assert report["quantized"] == [] and reasons == {"small layer"}
+    else:  # squeezenet's small squeeze convs stay float, its expand convs run int8
+        assert report["quantized"] and reasons == {"small layer"}
 
 
 @pytest.mark.slow
@@ -167,8 +171,9 @@ def test_depthwise_convs_stay_float_on_a_vnni_target(name, depthwise):
                               target="x86-avx512")
     report = graph.annotations["quantize"]
     assert report["quantized"]
-    assert len(report["float"]) == depthwise
-    assert {r["reason"] for r in report["float_why"]} == {"depthwise conv: the int8 kernel takes groups=1 only"}
+    reasons = [r["reason"] for r in report["float_why"]]
+    assert reasons.count("depthwise conv: the int8 kernel takes groups=1 only") == depthwise
+    assert all(r.startswith(("depthwise conv", "small layer")) for r in reasons)
 
 
 def test_a_target_without_an_int8_dot_product_keeps_every_layer_in_float():

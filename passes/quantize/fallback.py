@@ -6,7 +6,11 @@ product, and the CPU build packs that product for a dot-product instruction
 (targets/cpu/schedules/int8.py: AVX512-VNNI ``vpdpbusd`` or AArch64 ``sdot``) only when
 
 * the op is a conv2d with ``groups=1`` or a matmul/linear against a constant 2-D weight,
-* every shape is static (the kernel's packing loops are sized at build time).
+* every shape is static (the kernel's packing loops are sized at build time),
+* the layer is big enough: below :data:`MIN_INT8_MACS` multiply-accumulates the quantize step
+  and the activation packing in front of the kernel cost more than the integer product saves
+  (benchmarks/quantize_zoo.py on an AVX512-VNNI host: BERT-small's linears, 65K-131K MACs each,
+  ran the model at 0.64x of float; resnet18 at 64x64, 0.5M-9.6M MACs per layer, at 2.9x).
 
 Any other int8 product is scheduled like a float kernel that multiplies one byte pair per
 instruction, plus the quantize/dequantize traffic around it: slower than the float layer it
@@ -31,6 +35,10 @@ import torch.fx as fx
 
 from graphopt.graph import Graph
 from graphopt.passes.quantize.insert_qdq import QuantOp
+
+
+# Multiply-accumulates below which a layer stays float (see the module docstring).
+MIN_INT8_MACS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,20 @@ def float_reason(op: QuantOp, target: IntegerTarget) -> str | None:
         return "matmul of two activations: no int8 kernel"
     if not all(_shape_is_static(n) for n in (op.node, *op.activations)):
         return "dynamic shape: the int8 kernel is sized at build time"
+    macs = multiply_accumulates(op)
+    if macs < MIN_INT8_MACS:
+        return f"small layer: {macs} MACs < {MIN_INT8_MACS}, quantizing and packing cost more than int8 saves"
     return None
+
+
+def multiply_accumulates(op: QuantOp) -> int:
+    """Multiply-accumulates of one call of ``op`` (static shapes)."""
+    out = op.node.meta["val"]
+    if op.kind == "conv":
+        w = op.node.args[1].meta["val"].shape  # [F, C / groups, kh, kw]
+        return out.numel() * int(w[1]) * int(w[2]) * int(w[3])
+    k = op.activations[0].meta["val"].shape[-1]
+    return out.numel() * int(k)
 
 
 def float_layers(graph: Graph, ops: list[QuantOp]) -> dict[str, str]:
