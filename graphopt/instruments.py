@@ -97,18 +97,18 @@ class VerifyInstrument(Instrument):
 
     def before_pass(self, index: int, p: GraphPass, graph: Graph) -> None:
         # Passes rewrite the graph in place: keep what the float64 judge needs to run.
-        self._before = copy.deepcopy(graph.gm) if p.tolerance in ("algebraic", "half") else None
+        self._before = copy.deepcopy(graph.gm) if p.rung() in ("algebraic", "half") else None
 
     def after_pass(self, index: int, p: GraphPass, graph: Graph, result: PassResult, seconds: float) -> None:
         outputs = graph(*self.inputs)
         step, total = _max_error(self._previous, outputs), _max_error(self._original, outputs)
-        self.records.append(VerifyRecord(str(p), step, total, p.tolerance))
+        self.records.append(VerifyRecord(str(p), step, total, p.rung()))
         before, self._before = self._before, None
         if result.changed:
             truth = (lambda: _graph_outputs(float64_run(before, self.inputs))) if before is not None else None
-            verdict = compare(self._previous, outputs, p.tolerance, truth)
+            verdict = compare(self._previous, outputs, p.rung(), truth)
             if not verdict.ok:
-                raise VerificationError(f"after pass {str(p)!r} ({p.tolerance} rung): {verdict.message}")
+                raise VerificationError(f"after pass {str(p)!r} ({p.rung()} rung): {verdict.message}")
         self._previous = outputs
 
     def table(self) -> str:

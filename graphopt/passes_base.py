@@ -34,6 +34,7 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "algebraic": (1e-4, 1e-5),
     "half": (1e-2, 1e-2),
     "int8": (float("inf"), float("inf")),  # checked by SQNR / quantization step instead
+    "int4": (float("inf"), float("inf")),  # checked by SQNR
     "lossy": (float("inf"), float("inf")),  # pruning: numerics change on purpose
 }
 
@@ -77,7 +78,8 @@ class GraphPass:
     """Base class of every pass. Subclasses are frozen dataclasses; fields are options."""
 
     name: ClassVar[str] = ""
-    # Which rung of the tolerance ladder the pass sits on (see TOLERANCES).
+    # Which rung of the tolerance ladder the pass sits on (see TOLERANCES); ``rung()`` may
+    # refine it per instance from the options.
     tolerance: ClassVar[str] = "exact"
 
     def __post_init__(self) -> None:
@@ -101,6 +103,10 @@ class GraphPass:
 
     def run(self, graph: Graph) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def rung(self) -> str:
+        """The tolerance rung this configured pass is held to (the class's ``tolerance``)."""
+        return self.tolerance
 
     def __str__(self) -> str:
         given = [(o.name, getattr(self, o.name)) for o in self.options() if o.name in self._explicit()]

@@ -214,3 +214,16 @@ def test_verify_judges_an_ill_conditioned_algebraic_pass_by_float64(test_passes)
             graphopt.optimize(m, x, "test-nudge{factor=0.5}", verify=True)
     finally:
         _REGISTRY.pop("test-nudge")
+
+
+def test_verify_holds_each_quantize_mode_to_its_own_rung():
+    """int8 on the int8 rung, weight-only int4 on the int4 rung, fp16/bf16 on half."""
+    from graphopt.passes.quantize import Quantize
+
+    assert [Quantize(mode=m).rung() for m in ("int8", "dynamic", "int4", "fp16", "bf16")] == \
+        ["int8", "int8", "int4", "half", "half"]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 64)).eval()
+    x = torch.randn(4, 256)
+    graph = graphopt.optimize(model, (x,), "fold,quantize{mode=int4,group=64}", verify=True)
+    assert any("linear_int4" in str(n.target) for n in graph.nodes)

@@ -76,7 +76,7 @@ class Stage:
 def pipeline_tolerance(text: str) -> str:
     from graphopt.pipeline import Pipeline
 
-    return loosest(p.tolerance for p in Pipeline.parse(text).passes)
+    return loosest(p.rung() for p in Pipeline.parse(text).passes)
 
 
 def pass_stages(names: Sequence[str] | None = None) -> list[Stage]:

@@ -72,6 +72,10 @@ class Quantize(GraphPass):
     fallback: bool = option(True, "keep layers in float where the build target has no integer kernel "
                             "for them that beats float (int8 and dynamic modes)")
 
+    def rung(self) -> str:
+        """int8 and dynamic on the int8 rung; int4 weights on their own, looser one; fp16/bf16 on half."""
+        return {"int4": "int4", "fp16": "half", "bf16": "half"}.get(self.mode, self.tolerance)
+
     def run(self, graph: Graph) -> PassResult:
         candidates = quantizable_ops(graph)
         if self.mode == "int4":
