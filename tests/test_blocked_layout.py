@@ -23,6 +23,7 @@ from graphopt.targets.build import fusion_mode, scheduled_module, tir_calls  # n
 from graphopt.targets.frontend.lower import lower_to_relax  # noqa: E402
 from graphopt.targets.registry import resolve_target  # noqa: E402
 from graphopt.targets.cpu.schedules import simd_lanes  # noqa: E402
+from graphopt.testing import assert_matches_eager  # noqa: E402
 
 SPEC = resolve_target("x86")
 LANES = simd_lanes(SPEC.tvm_target())
@@ -91,7 +92,7 @@ def test_depthwise_input_arrives_channel_blocked(hidden, size, stride):
     assert [int(d) for d in weight.shape] == [1, 3, 3, hidden], weight.shape
 
     got = graphopt.compile(m, "x86", (x,))(x)
-    torch.testing.assert_close(got, m(x), rtol=1e-4, atol=1e-4)
+    assert_matches_eager(got, m, (x,))
 
 
 def test_wide_stride_one_rows_and_shared_tensors_stay_nchw():
@@ -114,8 +115,7 @@ def test_wide_stride_one_rows_and_shared_tensors_stay_nchw():
     m, x = TwoReaders().eval(), torch.randn(1, 8, 28, 28)
     assert all(len(s) == 4 for s in _shapes_between_kernels(_scheduled(m, x)) if s)
     got = graphopt.compile(m, "x86", (x,))(x)
-    for g, r in zip(got, m(x)):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    assert_matches_eager(got, m, (x,))
 
 
 def test_wide_stride_one_rows_after_a_3x3_conv_arrive_blocked():
@@ -128,13 +128,13 @@ def test_wide_stride_one_rows_after_a_3x3_conv_arrive_blocked():
     x = torch.randn(1, 3, 64, 64)
     shapes = _shapes_between_kernels(_scheduled(m, x))
     assert shapes[0] == [1, 2, 32, 32, LANES], shapes
-    torch.testing.assert_close(graphopt.compile(m, "x86", (x,))(x), m(x), rtol=1e-4, atol=1e-4)
+    assert_matches_eager(graphopt.compile(m, "x86", (x,))(x), m, (x,))
 
 
 def test_blocked_layout_with_residual_block_matches_eager_at_batch_3():
     m, x = _model(LANES, 4 * LANES, 2), torch.randn(3, LANES, 14, 14)
     got = graphopt.compile(m, "x86", (x,))(x)
-    torch.testing.assert_close(got, m(x), rtol=1e-4, atol=1e-4)
+    assert_matches_eager(got, m, (x,))
     m, x = _model(LANES, 4 * LANES, 1, residual=True), torch.randn(3, LANES, 14, 14)
     got = graphopt.compile(m, "x86", (x,))(x)
-    torch.testing.assert_close(got, m(x), rtol=1e-4, atol=1e-4)
+    assert_matches_eager(got, m, (x,))
