@@ -22,6 +22,7 @@ import torch
 from graphopt.errors import ArtifactError, EmulationError, InputError, ToolchainError
 from graphopt.targets.aarch64 import emulation
 from graphopt.targets.aarch64 import toolchain
+from graphopt.testing import assert_close, assert_matches_eager
 
 EM_AARCH64 = 183  # /usr/include/elf.h
 
@@ -182,10 +183,7 @@ def test_conv_model_cross_compiled_runs_on_emulated_aarch64(aarch64_env, tmp_pat
 
     outputs = emulation.run_artifact_emulated(artifact, [x.numpy()], timeout=300, env=aarch64_env)
 
-    assert len(outputs) == 1
-    assert outputs[0].shape == expected.shape
-    assert outputs[0].dtype == np.float32
-    np.testing.assert_allclose(outputs[0], expected, rtol=1e-4, atol=1e-5)
+    assert_matches_eager(tuple(outputs), model, (x,))  # one output, shape, dtype, then values
 
 
 # ------------------------------------------------------------------------ one emulated process, many runs
@@ -226,18 +224,14 @@ def arm64_artifacts(tmp_path_factory):
 
 def _assert_runs_like_eager(session, artifact, name: str, target: str = "arm64") -> None:
     from graphopt.pipeline import Pipeline
-    from graphopt.testing import assert_matches_eager
 
     path, model, x, _ = artifact(name, target)
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     assert manifest["target"]["name"] == target and manifest["pipeline"] == str(Pipeline.parse("default"))
     assert toolchain.elf_machine(Path(path) / "model.so") == EM_AARCH64
     (out,) = session.run(path, [x.numpy()], timeout=600)
-    with torch.no_grad():
-        expected = model(x)
-    assert out.shape == tuple(expected.shape) and out.dtype == np.float32
-    # the fp32 rung: rtol 1e-4, atol 1e-5 x the output's scale, with the float64 fallback
-    assert_matches_eager(torch.from_numpy(out), model, (x,))
+    # the fp32 rung: shape and dtype, then rtol 1e-4, atol 1e-5 x the output's scale, float64 fallback
+    assert_matches_eager(out, model, (x,))
 
 
 @pytest.mark.emulated
@@ -246,7 +240,7 @@ def test_session_runs_many_artifacts_and_survives_failures(session, arm64_artifa
     starts = session.starts
     first = session.run(path, [x.numpy()])
     again = session.run(path, [x.numpy()])
-    np.testing.assert_array_equal(first[0], again[0])
+    assert_close(again, first, "exact")
     assert session.starts == max(starts, 1)  # the second run reused the process
     # a job that fails in TVM is that job's error; the process keeps serving
     manifest = json.loads((Path(path) / "manifest.json").read_text())
@@ -256,7 +250,7 @@ def test_session_runs_many_artifacts_and_survives_failures(session, arm64_artifa
     (no_entry / "manifest.json").write_text(json.dumps(dict(manifest, entry="no_such_function")))
     with pytest.raises(EmulationError, match=r"failed \(status 1\)"):
         session.run(no_entry, [x.numpy()])
-    np.testing.assert_array_equal(session.run(path, [x.numpy()])[0], first[0])
+    assert_close(session.run(path, [x.numpy()]), first, "exact")
     assert session.starts == max(starts, 1)
     # a job that kills the process (a truncated library: SIGBUS in the loader, like a SIGSEGV in a kernel)
     # is reported with the signal, and the next run gets a fresh process
@@ -268,7 +262,7 @@ def test_session_runs_many_artifacts_and_survives_failures(session, arm64_artifa
     (truncated / "manifest.json").write_text(json.dumps(dict(manifest, sha256=hashlib.sha256(head).hexdigest())))
     with pytest.raises(EmulationError, match="the emulated runner died"):
         session.run(truncated, [x.numpy()])
-    np.testing.assert_array_equal(session.run(path, [x.numpy()])[0], first[0])
+    assert_close(session.run(path, [x.numpy()]), first, "exact")
     assert session.starts == max(starts, 1) + 1
 
 
@@ -299,8 +293,6 @@ def test_five_reference_models_on_emulated_arm64(session, arm64_artifacts):
 @pytest.mark.emulated
 def test_int8_cnn_for_arm64_dotprod_uses_sdot_and_runs_emulated(session, arm64_artifacts):
     # qemu's `-cpu max` (EmulatorEnv.cpu) implements the dot-product extension the int8 kernels use
-    from graphopt.testing import sqnr_db
-
     path, model, x, module = arm64_artifacts("cnn", "arm64-dotprod", "fold,quantize")
     (kernels,) = module.executable.mod.imports  # the LLVM module linked into model.so
     assembly = kernels.inspect_source("s")
@@ -310,6 +302,6 @@ def test_int8_cnn_for_arm64_dotprod_uses_sdot_and_runs_emulated(session, arm64_a
         quantized = module.graph(x)  # the int8 graph run by PyTorch: what the kernels should compute
         quantized = quantized[0] if isinstance(quantized, tuple) else quantized
         expected = model(x)
-    assert out.shape == tuple(expected.shape)
-    assert sqnr_db(quantized, out) >= 30.0
-    assert sqnr_db(expected, out) >= 20.0
+    # the int8 rung: within one quantization step of the quantized graph, SQNR >= 20 dB against float
+    assert_close(out, quantized, "int8", fake_quant=True, what="against the quantized graph")
+    assert_close(out, expected, "int8", what="against the float model")
