@@ -231,3 +231,33 @@ def test_boolean_attention_mask_masks_fuzz_seeds_51_and_99():
     for pipeline in ("default", "fold"):
         module = graphopt.compile(model, "x86", (x,), pipeline=pipeline)
         assert_matches_eager(module(x), model, (x,))
+
+
+class PositionsUpToADynamicLength(torch.nn.Module):
+    """The embedding front of a transformer over a dynamic sequence: ids of (2, seq) through a
+    checked lookup, a position table sliced to ``seq``, and a fill read off a dynamic tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(30, 8)
+        self.pos = torch.nn.Parameter(torch.randn(1, 40, 8))
+
+    def forward(self, ids):
+        seq = ids.shape[1]
+        positions = torch.arange(seq)[None, :, None]
+        keep = positions.new_ones((), dtype=torch.bool) & (positions >= 0)
+        x = self.embed(ids) + self.pos[:, :seq]
+        return x * keep
+
+
+def test_a_slice_up_to_a_dynamic_length_builds_in_fused_kernels():
+    # the default pipeline's fused kernels failed to build with a dynamic sequence: the slice's
+    # end became if_then_else(seq < 0, seq + 40, seq) in a kernel's shapes, the index check of
+    # the (2 * seq) ids could not share FuseTIR's buffer with the reshape before it, and the
+    # fill made a kernel that computes nothing
+    model = PositionsUpToADynamicLength().eval()
+    seq = torch.export.Dim("seq", max=40)
+    module = graphopt.compile(model, "x86", (torch.randint(0, 30, (2, 7)),), dynamic_shapes={"ids": {1: seq}})
+    for n in (1, 7, 40):
+        ids = torch.randint(0, 30, (2, n))
+        assert_matches_eager(module(ids), model, (ids,))
