@@ -20,11 +20,12 @@ import os
 from typing import Literal
 
 import tvm
-from tvm import relax
+from tvm import relax, s_tir
 
 from graphopt.errors import CompilationError
 from graphopt.targets.cpu.tir_pipeline import tir_pipeline_for
 from graphopt.targets.cpu.legalize import CPU_LEGALIZE
+from graphopt.targets.frontend.indexing import OWN_SHAPES_ATTR
 from graphopt.targets.registry import TargetSpec
 
 Fusion = Literal["graph", "tvm", "none"]
@@ -37,8 +38,43 @@ def _cpu_schedule_passes(target: tvm.target.Target) -> tuple[list, list]:
 
     # Weights a schedule reads in a packed order (conv2d.py) come with a copy marked as a
     # layout-rewrite preprocess: split it out of the kernel and run it on the constant.
-    return list(cpu_layout_passes(target)), [cpu_schedule_pass(target), relax.transform.SplitLayoutRewritePreproc(),
+    return list(cpu_layout_passes(target)), [cpu_schedule_pass(target), _split_weight_prepacking,
                                              relax.transform.FoldConstant()]
+
+
+LAYOUT_REWRITE_PREPROC = "meta_schedule.layout_rewrite_preproc"
+
+
+def _has_layout_rewrite_preproc(func: tvm.tirx.PrimFunc) -> bool:
+    """True when a block of ``func`` is marked as a weight's layout-rewrite preprocess."""
+    pending = [func.body]
+    while pending:
+        stmt = pending.pop()
+        if isinstance(stmt, s_tir.SBlock) and LAYOUT_REWRITE_PREPROC in stmt.annotations:
+            return True
+        pending.extend(child for name in ("body", "block", "init", "then_case", "else_case")
+                       if (child := getattr(stmt, name, None)) is not None)
+        pending.extend(getattr(stmt, "seq", ()))
+    return False
+
+
+@tvm.transform.module_pass(opt_level=0, name="graphopt.SplitWeightPrepacking")
+def _split_weight_prepacking(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """TVM's SplitLayoutRewritePreproc, shown only the kernels it splits.
+
+    It reads every PrimFunc of the module as a root block over block subtrees and fails on a
+    kernel that is plain loops without blocks (TOPI's scan, sort, top-k and scatter kernels),
+    although it would leave such a kernel unchanged. The other kernels are set aside while it
+    runs and put back after it."""
+    split = {gv for gv, f in mod.functions.items()
+             if isinstance(f, tvm.tirx.PrimFunc) and _has_layout_rewrite_preproc(f)}
+    if not split:
+        return mod
+    aside = {gv: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and gv not in split}
+    shown = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv not in aside}, attrs=mod.attrs)
+    out = relax.transform.SplitLayoutRewritePreproc()(shown)
+    out.update({gv: f for gv, f in aside.items()})
+    return out
 
 
 def _gpu_schedule_passes() -> list:
@@ -208,9 +244,41 @@ class _PassLiftedConstants(relax.PyExprMutator):
         return call
 
 
+VM_ALIGNMENT = 64  # bytes: how the Relax VM allocates tensors, and how TE declares buffers
+
+
+def _declares_own_buffers(func: tvm.tirx.PrimFunc) -> bool:
+    """True when a parameter of ``func`` is a buffer with a free offset or an alignment other
+    than the VM's, as TOPI's extern kernels (scatter, sort, top-k, scan) declare them."""
+    return any(isinstance(ty := getattr(p, "ty", None), tvm.tirx.BufferType)
+               and (not isinstance(ty.elem_offset, tvm.tirx.IntImm) or ty.data_alignment != VM_ALIGNMENT)
+               for p in func.params)
+
+
+def _calls_extern_kernel(mod: tvm.IRModule, func: relax.Function) -> bool:
+    """True when ``func`` calls a PrimFunc that declares its buffers its own way (an extern
+    kernel fed by the index checks or views before it, an index check of a dynamic length).
+
+    FuseTIR cannot merge such calls into one PrimFunc: it maps each tensor to one buffer and
+    requires every PrimFunc touching the tensor to declare the same buffer type."""
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    for block in getattr(func.body, "blocks", ()):
+        for binding in block.bindings:
+            call = binding.value
+            if isinstance(call, relax.Call) and call.op.same_as(call_tir):
+                callee = mod.functions.get(call.args[0])
+                if isinstance(callee, tvm.tirx.PrimFunc) and (
+                        _declares_own_buffers(callee) or OWN_SHAPES_ATTR in (callee.attrs or {})):
+                    return True
+    return False
+
+
 @tvm.transform.module_pass(opt_level=0, name="graphopt.KernelsToPrimitive")
 def _kernels_to_primitive(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-    """Mark the lowering's kernel functions Primitive, with their constants lifted to params."""
+    """Mark the lowering's kernel functions Primitive, with their constants lifted to params.
+
+    A kernel function that calls an extern kernel stays a plain function whose calls run one
+    by one (see ``_calls_extern_kernel``)."""
     from graphopt.targets.frontend.lower import KERNEL_ATTR
 
     def is_kernel(func) -> bool:
@@ -226,8 +294,10 @@ def _kernels_to_primitive(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) ->
         body = lifter.visit_expr(func.body)
         params = [*func.params, *(p for p, _ in lifter.lifted)]
         new = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
+        if not _calls_extern_kernel(mod, func):
+            new = new.with_attr("Primitive", True)
         # a new GlobalVar: the old one's type still says the old number of parameters
-        new_gvar = builder.add_func(new.with_attr("Primitive", True), gvar.name_hint)
+        new_gvar = builder.add_func(new, gvar.name_hint)
         new_kernels[gvar] = (new_gvar, [c for _, c in lifter.lifted])
     out = builder.get()
     for gvar, func in list(out.functions.items()):

@@ -97,3 +97,29 @@ def test_new_ones_and_new_zeros_take_the_dtype_they_are_given():
     keep[0, 6:] = 0
     q, k, v = (torch.randn(1, 2, 9, 8) for _ in range(3))
     compile_and_compare(MaskFromNewOnes(), q, k, v, keep, pipeline="fold")
+
+
+class LoopKernels(nn.Module):
+    """Ops whose TOPI kernels are plain loops without compute blocks (scan, sort, top-k, scatter),
+    next to a convolution whose packed weights the build splits out of its kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+
+    def forward(self, x, index, src, cells):
+        y = self.conv(x).flatten(2)  # (1, 8, 36)
+        ordered, order = torch.sort(y, dim=-1, descending=True)
+        top = torch.topk(y, 3, dim=-1)
+        low, low_at = torch.min(y, dim=-1)
+        rows = y[0]
+        scattered = rows.scatter(1, index, src)
+        put = torch.index_put(rows, (cells[:, 0], cells[:, 1]), src[:3, 0])
+        return torch.cumsum(ordered, dim=-1), order, top.values, top.indices, low, low_at, scattered, put
+
+
+@pytest.mark.parametrize("pipeline", ["default", "fold"])
+def test_sort_topk_cumsum_min_scatter_and_index_put_build_next_to_a_convolution(pipeline):
+    index = torch.stack([torch.randperm(36)[:3] for _ in range(8)])
+    cells = torch.tensor([[0, 5], [3, 7], [7, 35]])
+    compile_and_compare(LoopKernels(), torch.randn(1, 4, 6, 6), index, torch.randn(8, 3), cells, pipeline=pipeline)

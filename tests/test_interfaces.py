@@ -186,8 +186,7 @@ def encoder_module():
     model = TinyEncoder().eval()
     ids, mask = torch.randint(0, 50, (2, 9)), torch.ones(2, 9, dtype=torch.long)
     seq = Dim("seq", max=64)
-    # "fold": the fused kernels cannot take a slice up to a symbolic size yet
-    module = graphopt.compile(model, "x86", (ids,), pipeline="fold", example_kwargs={"attention_mask": mask},
+    module = graphopt.compile(model, "x86", (ids,), example_kwargs={"attention_mask": mask},
                               dynamic_shapes={"input_ids": {1: seq}, "attention_mask": {1: seq}})
     return model, module
 
@@ -247,8 +246,7 @@ def bert_module():
     model = transformers.BertModel(config).eval()
     ids, mask = torch.randint(0, 1000, (1, 17)), torch.ones(1, 17, dtype=torch.long)
     seq = Dim("seq", max=512)
-    # "fold": the default pipeline's fused kernels cannot take a slice up to a symbolic size yet
-    module = graphopt.compile(model, "x86", (ids,), pipeline="fold", example_kwargs={"attention_mask": mask},
+    module = graphopt.compile(model, "x86", (ids,), example_kwargs={"attention_mask": mask},
                               dynamic_shapes={"input_ids": {1: seq}, "attention_mask": {1: seq}})
     return model, module
 

@@ -13,7 +13,8 @@ no converter: targets/frontend/decompose.py decomposes them before lowering.)
 * ``new_ones`` / ``new_zeros``: the importer gives the result the dtype of ``self`` and drops
   ``dtype=``; a bool mask made as ``x.new_ones((), dtype=torch.bool)`` from an integer ``x`` then
   turns ``&`` into an integer bitwise and, and the attention that takes the mask adds it to the
-  scores instead of masking them (transformers' BERT builds its padding mask this way).
+  scores instead of masking them (transformers' BERT builds its padding mask this way);
+* ``slice.Tensor`` up to a symbolic size: ends at start + the length torch worked out, in bounds.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import functools
 
 import torch.fx as fx
-from tvm import relax, te
+from tvm import relax, te, tirx
 
 from graphopt.errors import UnsupportedOpError
 from graphopt.targets.frontend.converters import _nan_max_reducer, _nan_min_reducer
@@ -223,3 +224,24 @@ def new_ones(importer, node: fx.Node) -> relax.Expr:
 @register_converter("new_zeros.default", fixes_importer=True)
 def new_zeros(importer, node: fx.Node) -> relax.Expr:
     return _new_filled(importer, node, 0)
+
+
+@register_converter("slice.Tensor", fixes_importer=True)
+def slice_to_a_size(importer, node: fx.Node) -> relax.Expr:
+    """``x[start:size]`` with a symbolic end (``position_ids[:, :seq]``).
+
+    The importer passes the end as given, and Relax's slice normalizes an end that might be
+    negative as ``if_then_else(seq < 0, seq + n, seq)``, a shape FuseTIR cannot read inside a
+    kernel. torch has already worked out how many elements the slice takes: with a constant start
+    inside the dim and step 1 the end is ``start`` plus that length, in bounds by construction."""
+    start, end, step = _arg(node, 2, "start") or 0, _arg(node, 3, "end"), _arg(node, 4, "step", 1)
+    x = importer.env[node.args[0]]
+    dim = _arg(node, 1, "dim", 0) % len(x.ty.shape.values)
+    size = x.ty.shape.values[dim]
+    start_in_bounds = isinstance(start, int) and (start == 0 or (isinstance(size, tirx.IntImm)
+                                                                 and 0 <= start <= int(size)))
+    if not isinstance(end, fx.Node) or step != 1 or not start_in_bounds:
+        return importer.tvm_convert_map["slice.Tensor"](node)
+    length = importer._relax_shape(node.meta["val"])[dim]
+    return importer.block_builder.emit(relax.op.strided_slice(x, [dim], [start], [start + length], [1],
+                                                              assume_inbound=True))

@@ -34,6 +34,9 @@ from graphopt.targets.frontend.lower import register_converter, source_location
 
 # The error kind of the TIR assert: tvm-ffi raises the class registered under this name.
 ERROR_KIND = IndexOutOfRangeError.__name__
+# Marks a PrimFunc whose buffers have a length of their own (``n``) where the tensor it is called
+# on has a computed one (``2 * seq``): FuseTIR cannot unify the two, so the build runs it unfused.
+OWN_SHAPES_ATTR = "graphopt.own_shapes"
 
 
 def check_indices_func(dtype: str, wrap_negative: bool, message: str, length: int | None) -> tirx.PrimFunc:
@@ -45,7 +48,8 @@ def check_indices_func(dtype: str, wrap_negative: bool, message: str, length: in
     assert (LLVM rejects the vector of conditions), and the schedule rules, which see this
     block again once FuseTIR has merged it into the kernel of the op it feeds, leave loops over
     opaque axes serial. ``n`` is ``length`` when the number of indices is static: FuseTIR
-    unifies the buffer with the one the op before it writes, and needs their types equal."""
+    unifies the buffer with the one the op before it writes, and needs their types equal; a
+    dynamic ``n`` is marked ``OWN_SHAPES_ATTR``."""
     parts = [message]
 
     @T.macro
@@ -73,7 +77,7 @@ def check_indices_func(dtype: str, wrap_negative: bool, message: str, length: in
 
     @T.prim_func(private=True, s_tir=True)
     def check_dynamic(var_idx: T.handle, bound: T.int64, var_out: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, OWN_SHAPES_ATTR: True})
         n = T.int64()
         idx = T.match_buffer(var_idx, (n,), dtype)
         out = T.match_buffer(var_out, (n,), dtype)
