@@ -11,12 +11,12 @@ has is a TuningError naming the known devices.
 import glob
 import os
 
-import numpy as np
 import pytest
 import torch
 
 import graphopt
 from graphopt.errors import TuningError
+from graphopt.testing import assert_matches_eager
 from graphopt.targets.tuning.remote import LoopbackCluster
 from graphopt.targets.tuning.tuner import RPC, Tune
 
@@ -49,8 +49,7 @@ def test_tuning_measures_on_the_x86_rpc_server(cluster, tmp_path):
     module = graphopt.compile(model, "x86", (x,), tune=tune)
     assert tune.log.measured >= 2 and tune.log.best_ms is not None  # the measurements succeeded
     assert count_records(str(tmp_path / "db")) == tune.log.measured
-    with torch.no_grad():
-        torch.testing.assert_close(module(x), model(x), rtol=1e-4, atol=1e-5)
+    assert_matches_eager(module(x), model, (x,))
 
 
 def test_unknown_device_key_is_a_tuning_error(cluster, tmp_path):
@@ -82,5 +81,4 @@ def test_tuning_measures_on_an_emulated_aarch64_server(cluster, aarch64_env, tmp
     assert count_records(str(tmp_path / "db")) == tune.log.measured
     artifact = module.save(str(tmp_path / "arm"))
     (out,) = run_artifact_emulated(artifact, [x.numpy()], env=env)
-    with torch.no_grad():
-        np.testing.assert_allclose(out, model(x).numpy(), rtol=1e-4, atol=1e-5)
+    assert_matches_eager(out, model, (x,))
