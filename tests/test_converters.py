@@ -123,3 +123,14 @@ def test_sort_topk_cumsum_min_scatter_and_index_put_build_next_to_a_convolution(
     index = torch.stack([torch.randperm(36)[:3] for _ in range(8)])
     cells = torch.tensor([[0, 5], [3, 7], [7, 35]])
     compile_and_compare(LoopKernels(), torch.randn(1, 4, 6, 6), index, torch.randn(8, 3), cells, pipeline=pipeline)
+
+
+class MaskPositions(nn.Module):
+    def forward(self, mask):
+        # transformers' position ids from a padding mask: a running count of the kept tokens
+        return torch.cumsum(mask, -1), (torch.cumsum(mask, -1) <= 3) & mask, torch.cumsum(mask.int(), 0)
+
+
+def test_cumsum_of_a_mask_counts_in_int64():
+    mask = torch.tensor([[True] * 10 + [False] * 6, [True] * 4 + [False] * 12])
+    compile_and_compare(MaskPositions(), mask)

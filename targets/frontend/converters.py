@@ -218,19 +218,8 @@ def _max_pool_nd(importer, node: fx.Node, nd: int) -> relax.Expr:
     return importer.block_builder.emit_te(compute, x, primfunc_name_hint=f"max_pool{nd}d")
 
 
-@register_converter("max_pool1d.default", fixes_importer=True)
-def max_pool1d(importer, node: fx.Node) -> relax.Expr:
-    return _max_pool_nd(importer, node, 1)
-
-
-@register_converter("max_pool2d.default", fixes_importer=True)
-def max_pool2d(importer, node: fx.Node) -> relax.Expr:
-    return _max_pool_nd(importer, node, 2)
-
-
-@register_converter("max_pool3d.default", fixes_importer=True)
-def max_pool3d(importer, node: fx.Node) -> relax.Expr:
-    return _max_pool_nd(importer, node, 3)
+for _nd in (1, 2, 3):
+    register_converter(f"max_pool{_nd}d.default", fixes_importer=True)(functools.partial(_max_pool_nd, nd=_nd))
 
 
 def _indices_unsupported(node: fx.Node) -> None:
@@ -248,14 +237,9 @@ def _max_pool_with_indices(importer, node: fx.Node, nd: int) -> relax.Expr:
     return importer.block_builder.emit(relax.Tuple([_max_pool_nd(importer, node, nd)]))
 
 
-@register_converter("max_pool2d_with_indices.default", fixes_importer=True)
-def max_pool2d_with_indices(importer, node: fx.Node) -> relax.Expr:
-    return _max_pool_with_indices(importer, node, 2)
-
-
-@register_converter("max_pool3d_with_indices.default", fixes_importer=True)
-def max_pool3d_with_indices(importer, node: fx.Node) -> relax.Expr:
-    return _max_pool_with_indices(importer, node, 3)
+for _nd in (2, 3):
+    register_converter(f"max_pool{_nd}d_with_indices.default", fixes_importer=True)(
+        functools.partial(_max_pool_with_indices, nd=_nd))
 
 
 def _adaptive_max_pool_nd(importer, node: fx.Node, nd: int) -> relax.Expr:

@@ -131,6 +131,18 @@ def var_mean(importer, node: fx.Node) -> relax.Expr:
     return importer.block_builder.emit(relax.Tuple([variance, mean]))
 
 
+@register_converter("cumsum.default")
+def cumsum(importer, node: fx.Node) -> relax.Expr:
+    """``cumsum`` accumulates in its output dtype: torch promotes bool and small integers to
+    int64, which TVM's scan leaves to the caller (a bool scan fails to build)."""
+    x = importer.env[node.args[0]]
+    dim = int(_arg(node, 1, "dim"))
+    out_dtype = str(node.meta["val"].dtype).replace("torch.", "")
+    bb = importer.block_builder
+    if str(x.ty.dtype) != out_dtype:
+        x = bb.emit(relax.op.astype(x, out_dtype))
+    return bb.emit(relax.op.cumsum(x, dim, out_dtype))
+
 
 @register_converter("min.dim")
 def min_dim(importer, node: fx.Node) -> relax.Expr:
@@ -216,14 +228,8 @@ def _new_filled(importer, node: fx.Node, fill: int) -> relax.Expr:
     return importer.block_builder.emit(relax.op.full(shape, relax.const(fill, dtype), dtype))
 
 
-@register_converter("new_ones.default", fixes_importer=True)
-def new_ones(importer, node: fx.Node) -> relax.Expr:
-    return _new_filled(importer, node, 1)
-
-
-@register_converter("new_zeros.default", fixes_importer=True)
-def new_zeros(importer, node: fx.Node) -> relax.Expr:
-    return _new_filled(importer, node, 0)
+for _name, _fill in (("new_ones.default", 1), ("new_zeros.default", 0)):
+    register_converter(_name, fixes_importer=True)(functools.partial(_new_filled, fill=_fill))
 
 
 @register_converter("slice.Tensor", fixes_importer=True)
