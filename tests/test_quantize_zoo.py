@@ -156,6 +156,7 @@ def test_static_int8_on_a_zoo_model_is_within_cosine_0_99_of_float(name):
 
 
 @pytest.mark.slow
+@pytest.mark.zoo
 @pytest.mark.xfail(reason="random-weight depthwise stacks amplify one-step rounding: cosine 0.89-0.97",
                    strict=False)
 @pytest.mark.parametrize("name", BELOW_0_99)
@@ -213,6 +214,7 @@ def _zoo_names() -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.zoo
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("name", [n for n in _zoo_names() if n not in FAST + BELOW_0_99])
 def test_static_int8_on_the_whole_zoo(name):
