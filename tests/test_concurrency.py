@@ -18,7 +18,6 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -77,10 +76,7 @@ def _race_first_calls(fresh_module: Callable[[], CompiledModule], inputs: Sequen
 
 def _assert_same_bits(got: Any, want: Any, what: str) -> None:
     assert type(got) is type(want), f"{what}: {type(got).__name__} instead of {type(want).__name__}"
-    if isinstance(want, np.ndarray):
-        assert got.dtype == want.dtype and np.array_equal(got, want), f"{what}: differs from one thread's result"
-    else:
-        assert got.dtype == want.dtype and torch.equal(got, want), f"{what}: differs from one thread's result"
+    assert_close(got, want, "exact", what=f"{what} against one thread's result")
 
 
 def _assert_race_matches_one_thread(reference: CompiledModule, fresh_module: Callable[[], CompiledModule],
@@ -128,8 +124,8 @@ def test_eight_threads_match_single_threaded(conv_bn_net):
 
     results = {i: out for per_thread in _run_threads(calls, THREADS) for i, out in per_thread.items()}
     assert sorted(results) == list(range(THREADS * CALLS))
-    for i, want in enumerate(expected):
-        assert torch.equal(results[i], want), f"call {i} differs from the single-threaded result"
+    assert_close([results[i] for i in range(len(expected))], expected, "exact",
+                 what="the threads' calls against the single-threaded ones")
     # and the single-threaded results are the model's
     assert_matches_eager(expected[0], model, (inputs[0],))
 

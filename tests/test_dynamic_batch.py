@@ -14,17 +14,9 @@ import torch
 import graphopt
 from graphopt.errors import InputError
 from graphopt.models import REFERENCE_MODELS, cnn, mlp
+from graphopt.testing import assert_matches_eager
 
 BATCHES = (1, 3, 8)
-
-
-def _assert_matches_eager(module, model, x):
-    with torch.no_grad():
-        ref = model(x)
-    out = module(x)
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    scale = float(ref.abs().max())
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
 
 
 @pytest.fixture(scope="module")
@@ -69,20 +61,23 @@ def test_passes_do_not_specialize_the_dynamic_batch():
 @pytest.mark.parametrize("batch", BATCHES)
 def test_mlp_serves_every_batch(mlp_module, batch):
     model, module = mlp_module
-    _assert_matches_eager(module, model, torch.randn(batch, 784))
+    x = torch.randn(batch, 784)
+    assert_matches_eager(module(x), model, (x,))
 
 
 @pytest.mark.parametrize("batch", BATCHES)
 def test_cnn_serves_every_batch(cnn_module, batch):
     model, module = cnn_module
-    _assert_matches_eager(module, model, torch.randn(batch, 3, 32, 32))
+    x = torch.randn(batch, 3, 32, 32)
+    assert_matches_eager(module(x), model, (x,))
 
 
 def test_saved_artifact_keeps_the_dynamic_batch(cnn_module, tmp_path):
     model, module = cnn_module
     loaded = graphopt.load(module.save(str(tmp_path / "cnn")))
     for batch in (1, 8):
-        _assert_matches_eager(loaded, model, torch.randn(batch, 3, 32, 32))
+        x = torch.randn(batch, 3, 32, 32)
+        assert_matches_eager(loaded(x), model, (x,))
 
 
 def test_wrong_rank_is_an_input_error(cnn_module):
@@ -126,7 +121,8 @@ def test_the_kernel_of_a_symbolic_flatten_takes_the_batch_as_a_shape_parameter()
 def test_cnn_with_the_default_pipeline_serves_every_batch(cnn_module, batch):
     model, module = cnn_module
     assert module.manifest["pipeline"] != "fold" and module.manifest["fusion"] == "graph"
-    _assert_matches_eager(module, model, torch.randn(batch, 3, 32, 32))
+    x = torch.randn(batch, 3, 32, 32)
+    assert_matches_eager(module(x), model, (x,))
 
 
 @pytest.mark.slow
@@ -137,7 +133,8 @@ def test_reference_models_with_the_default_pipeline_serve_every_batch(name):
     module = graphopt.compile(model, "x86", (ref.example_input(batch=2),), dynamic_shapes="batch")
     assert module.inputs[0].shape[0] == "batch"
     for batch in BATCHES:
-        _assert_matches_eager(module, model, ref.example_input(batch=batch))
+        x = ref.example_input(batch=batch)
+        assert_matches_eager(module(x), model, (x,))
 
 
 def test_a_batch_outside_the_captured_range_is_an_input_error(mlp_module, tmp_path):
@@ -157,7 +154,8 @@ def test_a_user_dim_range_is_enforced_by_the_graph_and_the_module():
     graph = graphopt.capture(model, (torch.randn(4, 784),), dynamic_shapes=({0: rows},))
     assert graph.dim_ranges == {"rows": (2, 16)}
     module = graphopt.compile(graph, "x86", pipeline="fold")
-    _assert_matches_eager(module, model, torch.randn(16, 784))
+    x = torch.randn(16, 784)
+    assert_matches_eager(module(x), model, (x,))
     for run in (graph, module):
         for rows_given in (1, 17):
             with pytest.raises(InputError, match=rf"dimension rows is {rows_given}, outside the range \[2, 16\]"):
