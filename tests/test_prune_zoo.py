@@ -21,7 +21,6 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.errors import CompilationError
 from graphopt.testing import assert_close
 from graphopt.zoo import torchvision_names, zoo_model
 
@@ -73,13 +72,7 @@ def test_pruned_model_is_smaller_valid_and_compiles_to_the_same_outputs(name, ra
     prune_and_check(name, ratio)
 
 
-# The unpruned GPT-2 and Llama fail the same x86 build (an LLVM codegen check on a non-float
-# type), so their compiled comparison is an expected failure until the backend builds them.
-_UNBUILT = pytest.mark.xfail(raises=CompilationError, strict=True, reason="the unpruned model fails the same build")
-
-
-@pytest.mark.parametrize("name", ["hf/bert", pytest.param("hf/gpt2", marks=_UNBUILT),
-                                  pytest.param("hf/llama", marks=_UNBUILT)])
+@pytest.mark.parametrize("name", ["hf/bert", "hf/gpt2", "hf/llama"])
 def test_transformer_heads_and_ffn_prune_and_compile_to_the_same_outputs(name):
     pruned, inputs = pruned_checked(name, 0.5)
     report = pruned.annotations["prune_report"]
@@ -89,6 +82,7 @@ def test_transformer_heads_and_ffn_prune_and_compile_to_the_same_outputs(name):
 
 
 @pytest.mark.slow
+@pytest.mark.zoo
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("ratio", RATIOS)
 @pytest.mark.parametrize("name", [n for n in torchvision_names() if n not in FAST and n not in TOO_LARGE])
