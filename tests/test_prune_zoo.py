@@ -7,7 +7,7 @@ fp32 rung. The fast subset covers the structures pruning has to see through: cha
 shuffle and split (ShuffleNetV2), fire-module concats (SqueezeNet), squeeze-excitation
 gates on depthwise-separable stacks (MobileNetV3), grouped convs with groups != channels
 plus SE (RegNetY), dense concat chains (DenseNet) and patch embedding with multi-head
-attention (ViT). The whole list runs under the ``slow`` marker. The zoo's small HF
+attention (ViT). The whole list runs under the ``zoo`` marker. The zoo's small HF
 transformers check heads and FFN pruning: BERT (multi-head attention), GPT-2 (``Conv1D``
 layers, i.e. addmm with transposed weights) and Llama (rotary embeddings, grouped-query
 attention: a unit is one key/value head with the query heads sharing it).
@@ -81,7 +81,7 @@ def test_transformer_heads_and_ffn_prune_and_compile_to_the_same_outputs(name):
     compiled_matches_eager(pruned, inputs)
 
 
-@pytest.mark.slow
+@pytest.mark.zoo
 @pytest.mark.zoo
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("ratio", RATIOS)
