@@ -82,7 +82,6 @@ def test_transformer_heads_and_ffn_prune_and_compile_to_the_same_outputs(name):
 
 
 @pytest.mark.zoo
-@pytest.mark.zoo
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("ratio", RATIOS)
 @pytest.mark.parametrize("name", [n for n in torchvision_names() if n not in FAST and n not in TOO_LARGE])
