@@ -74,9 +74,9 @@ def static_batch(graph: Graph) -> int | None:
     """The batch size baked into ``graph``'s inputs: the leading size every input shares. None
     when the batch is dynamic, or when the inputs' leading sizes differ (no dimension is a
     batch that data could be re-cut along)."""
-    dims = {n.meta["val"].shape[0] for n in graph.input_nodes if n.meta["val"].dim()}
-    if len(dims) == 1 and all(isinstance(d, int) for d in dims):
-        return int(dims.pop())
+    dims = [n.meta["val"].shape[0] for n in graph.input_nodes if n.meta["val"].dim()]
+    if dims and all(isinstance(d, int) for d in dims) and len(set(dims)) == 1:
+        return int(dims[0])
     return None
 
 
