@@ -81,11 +81,7 @@ COMMON_OPS = {
 
 
 # Ops that lower but do not build yet, each for the reason given; strict, so a fix shows up as XPASS.
-# topi writes these kernels as loops without compute blocks, and the build's
-# SplitLayoutRewritePreproc (targets/build.py) stops on such a PrimFunc.
-_NO_COMPUTE_BLOCK = "topi kernel without compute blocks: SplitLayoutRewritePreproc fails in the CPU build"
 KNOWN_BUILD_FAILURES = {
-    "cumsum": _NO_COMPUTE_BLOCK, "topk": _NO_COMPUTE_BLOCK, "sort": _NO_COMPUTE_BLOCK, "min_dim": _NO_COMPUTE_BLOCK,
     "unfold": "im2col's decomposition indexes with broadcast index tensors, which the importer's index.Tensor "
               "lowers to a tensor of the wrong rank",
 }

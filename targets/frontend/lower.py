@@ -73,11 +73,7 @@ def _load_converter_modules() -> None:
     import importlib
 
     for name in _CONVERTER_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:  # the module exists but something it imports is missing
-                raise
+        importlib.import_module(name)
 
 
 def source_location(node: fx.Node) -> str:
