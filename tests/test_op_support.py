@@ -27,7 +27,8 @@ UNSUPPORTED_CORE_OPS = {
     "aten._pdist_forward.default", "aten.atan2.out", "aten.avg_pool2d_backward.default",
     "aten.convolution_backward.default", "aten.empty_strided.default", "aten.masked_scatter.default",
     "aten.max_pool2d_with_indices_backward.default", "aten.nonzero.default", "aten.rand.default",
-    "aten.randperm.default", "aten.scatter_add.default", "aten.scatter_reduce.two", "aten.sym_numel.default",
+    "aten.randperm.default", "aten.resize_.default", "aten.scatter_add.default", "aten.scatter_reduce.two",
+    "aten.sym_numel.default",
     "aten.sym_storage_offset.default",
 }
 

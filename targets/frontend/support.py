@@ -75,7 +75,11 @@ def graph_support(graph: Graph) -> list[OpSupport]:
 def core_aten_ops() -> list[torch._ops.OpOverload]:
     """Every overload ATen tags ``core``: the op set torch.export's default decompositions end in."""
     ops = []
-    for name in dir(torch.ops.aten):
+    # every registered ATen op by name: ``dir(torch.ops.aten)`` lists only the packets some code
+    # has touched so far, so the sweep would depend on what ran before it
+    names = {n.split("::", 1)[1].split(".", 1)[0] for n in torch._C._dispatch_get_all_op_names()
+             if n.startswith("aten::")}
+    for name in sorted(names):
         packet = getattr(torch.ops.aten, name, None)
         if not isinstance(packet, torch._ops.OpOverloadPacket):
             continue
