@@ -231,6 +231,18 @@ def same_buffer(a, b) -> bool:
     return a.same_as(b)
 
 
+def conv_mac(info: "FuncInfo"):
+    """(store, a, b, iter vars) when ``info``'s main block is a conv-shaped multiply-accumulate
+    (four spatial and three reduction loops: n, f, y, x, rc, ry, rx), else None."""
+    if info is None or info.main is None:
+        return None
+    block = info.stmt(info.main)
+    ops = mac_operands(block) if iter_kinds(block) == "SSSSRRR" else None
+    if ops is None:
+        return None
+    return (*ops, [v.var for v in block.iter_vars])
+
+
 def mac_operands(block: tirx.SBlock):
     """For ``C[...] = C[...] + A[...] * B[...]`` return (C_store, A_load, B_load), else None.
 

@@ -59,17 +59,10 @@ def _read_index(block, load) -> int:
 
 def match_conv2d(info: base.FuncInfo):
     """(C_store, data_load, weight_load) when info.main is a dense NCHW conv2d, else None."""
-    if info is None or info.main is None:
+    found = base.conv_mac(info)
+    if found is None:
         return None
-    block = info.stmt(info.main)
-    kinds = base.iter_kinds(block)
-    if kinds != "SSSSRRR":
-        return None
-    ops = base.mac_operands(block)
-    if ops is None:
-        return None
-    store, a, b = ops
-    iv = [v.var for v in block.iter_vars]
+    store, a, b, iv = found
     # The weight's indices are plain iter vars and include the output channel.
     for data, weight in ((a, b), (b, a)):
         if len(data.indices) != 4 or len(weight.indices) != 4:

@@ -42,16 +42,10 @@ TILE_VECTORS = 8
 
 
 def match_grouped_conv2d(info: base.FuncInfo):
-    if info is None or info.main is None:
+    found = base.conv_mac(info)
+    if found is None:
         return None
-    block = info.stmt(info.main)
-    if base.iter_kinds(block) != "SSSSRRR":
-        return None
-    ops = base.mac_operands(block)
-    if ops is None:
-        return None
-    _store, a, b = ops
-    iv = [v.var for v in block.iter_vars]
+    _store, a, b, iv = found
     for data, weight in ((a, b), (b, a)):
         if len(data.indices) != 4 or len(weight.indices) != 4:
             continue
