@@ -8,6 +8,7 @@ JSON-lines file as soon as it is known, and ``--resume`` skips the models it alr
 
     python benchmarks/zoo.py                                  # the whole zoo (hours on 2 cores)
     python benchmarks/zoo.py --fast                           # the subset CI compiles
+    python benchmarks/zoo.py --no-timing --resume             # pass rate only, continuing a run
     python benchmarks/zoo.py --family hf --family timm
     python benchmarks/zoo.py --models timm/resnet18d,hf/bert --results out/zoo.jsonl
     python benchmarks/zoo.py --table out/zoo.jsonl            # the table of a finished or partial run
@@ -53,8 +54,9 @@ def host_cpu() -> str:
     return f"{name} ({tier}, {len(os.sched_getaffinity(0))} cores)"
 
 
-def run_one(name: str, target: str) -> dict:
-    """Build, compile and time one zoo model in this process; the result as a JSON-able dict."""
+def run_one(name: str, target: str, timing: bool = True) -> dict:
+    """Build, compile and time one zoo model in this process; the result as a JSON-able dict.
+    Without ``timing`` the latencies are left out: compile and the comparison with eager only."""
     import torch
 
     import graphopt
@@ -66,7 +68,8 @@ def run_one(name: str, target: str) -> dict:
     model, inputs = zoo_model(name).build()
     with torch.no_grad():
         expected = model(*inputs)
-    result["eager_ms"] = median_ms(lambda: model(*inputs), runs=20, budget_s=10.0)
+    if timing:
+        result["eager_ms"] = median_ms(lambda: model(*inputs), runs=20, budget_s=10.0)
     start = time.perf_counter()
     module = graphopt.compile(model, target, example_inputs=inputs)
     result["compile_s"] = time.perf_counter() - start
@@ -79,15 +82,16 @@ def run_one(name: str, target: str) -> dict:
               if isinstance(a, torch.Tensor) and a.is_floating_point() and a.shape == e.shape and a.numel()]
     result["max_error"] = max(errors, default=0.0)
     verdict = compare(expected, actual, "algebraic", lambda: float64_run(model, inputs))
-    result["graphopt_ms"] = median_ms(lambda: module(*inputs), runs=20, budget_s=10.0)
-    result["speedup"] = result["eager_ms"] / result["graphopt_ms"]
+    if timing:
+        result["graphopt_ms"] = median_ms(lambda: module(*inputs), runs=20, budget_s=10.0)
+        result["speedup"] = result["eager_ms"] / result["graphopt_ms"]
     result["status"] = "ok" if verdict.ok else f"mismatch: {verdict.message}"
     return result
 
 
-def run_isolated(name: str, target: str, timeout_s: float) -> dict:
+def run_isolated(name: str, target: str, timeout_s: float, timing: bool = True) -> dict:
     """``run_one`` in a fresh process: its result, or what stopped it."""
-    cmd = [sys.executable, __file__, "--one", name, "--target", target]
+    cmd = [sys.executable, __file__, "--one", name, "--target", target] + ([] if timing else ["--no-timing"])
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
@@ -102,10 +106,10 @@ def run_isolated(name: str, target: str, timeout_s: float) -> dict:
             "wall_s": time.perf_counter() - start}
 
 
-def _one_main(name: str, target: str) -> int:
+def _one_main(name: str, target: str, timing: bool) -> int:
     """Child process: print the result as one JSON line, the error class and message on failure."""
     try:
-        result = run_one(name, target)
+        result = run_one(name, target, timing)
     except Exception as e:  # the parent records it; one model's failure is not the run's
         msg = (str(e).strip().splitlines() or [""])[0]
         result = {"model": name, "target": target, "status": f"error: {type(e).__name__}: {msg}"[:400]}
@@ -144,12 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default="x86")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per model")
     ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="JSON-lines file results go to")
+    ap.add_argument("--no-timing", dest="timing", action="store_false",
+                    help="compile and compare with eager only, no latencies (the pass rate in less time)")
     ap.add_argument("--resume", action="store_true", help="skip the models --results already holds")
     ap.add_argument("--table", type=Path, metavar="RESULTS", help="print the table of a results file and exit")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # the child process of one model
     args = ap.parse_args(argv)
     if args.one:
-        return _one_main(args.one, args.target)
+        return _one_main(args.one, args.target, args.timing)
     if args.table:
         print(report(list(load_results(args.table).values())))
         return 0
@@ -173,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         start = time.perf_counter()
         print(f"[{i}/{len(entries)}] {entry.name} ...", end=" ", flush=True)
-        rec = run_isolated(entry.name, args.target, args.timeout)
+        rec = run_isolated(entry.name, args.target, args.timeout, args.timing)
         rec["wall_s"] = time.perf_counter() - start
         print(f"{rec['status'][:100]} ({rec['wall_s']:.0f} s)", flush=True)
         with args.results.open("a") as f:
