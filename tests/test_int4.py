@@ -116,6 +116,43 @@ def test_compiled_int4_takes_any_batch_size():
         assert_close(compiled(x), graph(x)[0], "algebraic", what=f"batch {batch}")
 
 
+def test_register_part_fits_both_accumulator_sets_in_the_targets_registers():
+    from graphopt.targets.cpu.schedules.int4_linear import register_part
+    from graphopt.targets.registry import VectorISA
+
+    assert register_part(64, VectorISA("x86_64", 512, 32, "vnni-512")) == 64   # 4 + 4 zmm
+    assert register_part(64, VectorISA("x86_64", 256, 16, "none")) == 32       # 4 + 4 of AVX2's 12
+    assert register_part(64, VectorISA("aarch64", 128, 32, "sdot")) == 32      # 8 + 8 of NEON's 24
+
+
+def _int4_mlp():
+    torch.manual_seed(0)
+    # out_features 72 and 10: partial 64-wide tiles; in_features 72 at group 32: a short last group
+    return nn.Sequential(nn.Linear(96, 72), nn.ReLU(), nn.Linear(72, 10, bias=False)).eval()
+
+
+def test_int4_kernels_for_arm64_are_scheduled_by_the_int4_rule():
+    from graphopt.targets.build import fusion_mode, kernel_rules
+    from graphopt.targets.frontend.lower import lower_to_relax
+    from graphopt.targets.registry import resolve_target
+
+    graph = _int4(_int4_mlp(), torch.randn(2, 96), group=32)
+    rules = dict(kernel_rules(lower_to_relax(graph), resolve_target("arm64"), fusion_mode(graph, None)))
+    assert [rules[k] for k in rules if k.startswith("linear_int4")] == ["Int4Linear", "Int4Linear"]
+
+
+@pytest.mark.emulated
+def test_int4_mlp_for_arm64_runs_emulated_like_the_int4_graph(aarch64_env, tmp_path):
+    from graphopt.targets.aarch64 import emulation
+
+    model, x = _int4_mlp(), torch.randn(2, 96)
+    graph = _int4(model, x, group=32)
+    compiled = graphopt.compile(graph, "arm64", (x,), pipeline="fuse")
+    (out,) = emulation.run_artifact_emulated(compiled.save(str(tmp_path / "int4-arm64")), [x.numpy()],
+                                             timeout=300, env=aarch64_env)
+    assert_close(out, graph(x)[0], "algebraic")
+
+
 def test_int4_artifact_is_at_most_a_fifth_of_fp32(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 512)).eval()

@@ -8,18 +8,23 @@ annotation ``INT4_BLOCK_ATTR`` is the tile width ``T`` (64). Schedule::
     xsum                                   # M x groups adds, before the parallel loop
     parallel for tile in N/T:              # one 64-byte line of packed weight per input pair
       for m:                               # the batch rows (1 for a batch-1 GEMV)
-        acc_local[0:T] = 0
-        for g:
-          dots_local[0:T] = 0              # T accumulators: T/lanes vector registers
-          for kb, nib (nib unrolled: a constant shift):
-            dots_local[0:T] += x[m, k] * float((W[tile, byte, 0:T] >> 4nib) & 15)
-          acc_local[0:T] += s[tile, g, 0:T] * (dots_local[0:T] - 8 xsum[m, g])
-        epilogue (bias, activation) on acc_local, written out
+        for part in T/S:                   # S output features whose accumulators fit the registers
+          acc_local[0:S] = 0
+          for g:
+            dots_local[0:S] = 0            # S/lanes vector registers, as many again for acc_local
+            for kb, nib (nib unrolled: a constant shift):
+              dots_local[0:S] += x[m, k] * float((W[tile, byte, part*S:+S] >> 4nib) & 15)
+            acc_local[0:S] += s[tile, g, part*S:+S] * (dots_local[0:S] - 8 xsum[m, g])
+          epilogue (bias, activation) on acc_local, written out
 
 The innermost step is an unpack, a conversion and a multiply-add per vector; the scale and
 the nibble offset cost once per group. Batch-1 linear layers are bound by the weight's
-memory traffic; reading 4 bits per weight instead of 32 is the point, and the T contiguous
-bytes per step keep the reads sequential.
+memory traffic; reading 4 bits per weight instead of 32 is the point, and the contiguous
+bytes per step keep the reads sequential. ``S`` comes from the target's vector unit: the
+largest part of the tile whose two accumulator sets (``dots_local``, ``acc_local``) fit its
+accumulator budget (``VectorISA.accumulators``): the whole tile on AVX-512 (4 + 4 zmm), half of
+it on NEON (8 + 8 of 4-lane registers) and AVX2 (4 + 4 ymm). The parts of a tile read the same
+cache lines one after the other, which stay in L1/L2 between them.
 """
 
 from __future__ import annotations
@@ -30,6 +35,14 @@ from tvm.target import Target
 from graphopt.targets.frontend.quantized_int4 import INT4_BLOCK_ATTR
 
 from . import base
+
+
+def register_part(tile: int, isa: base.VectorISA) -> int:
+    """Output features scheduled together: the largest divisor of ``tile``, a whole number of
+    vectors, whose two sets of accumulators fit ``isa``'s accumulator registers (one vector at least)."""
+    lanes = isa.lanes(32)
+    fitting = [p for p in range(lanes, tile + 1, lanes) if tile % p == 0 and 2 * (p // lanes) <= isa.accumulators]
+    return max(fitting, default=lanes)
 
 
 class Int4Linear(base.CPURule):
@@ -49,18 +62,18 @@ class Int4Linear(base.CPURule):
         if len(sch.get_loops(main)) != 3 or tile % base.simd_lanes(target) != 0:
             return None
         dots = info.blocks[names.index("linear_int4_group")]
-        return dots, main, info.blocks[mains[0] + 1:], tile
+        return dots, main, info.blocks[mains[0] + 1:], tile, register_part(tile, base.vector_isa(target))
 
     def schedule(self, info: base.FuncInfo, match, target: Target) -> s_tir.Schedule:
         sch = info.sch
-        dots, main, post, tile = match
+        dots, main, post, tile, part = match
         m, n, g = sch.get_loops(main)
-        tile_loop, lane = sch.split(n, [None, tile])
-        sch.reorder(tile_loop, m, g, lane)
+        tile_loop, part_loop, lane = sch.split(n, [None, tile // part, part])
+        sch.reorder(tile_loop, m, part_loop, g, lane)
         acc = sch.cache_write(main, 0, "local")
-        sch.reverse_compute_at(acc, m)
-        for block in post:  # bias, activation: applied to the tile before it leaves the registers
-            sch.reverse_compute_at(block, m)
+        sch.reverse_compute_at(acc, part_loop)
+        for block in post:  # bias, activation: applied to the part before it leaves the registers
+            sch.reverse_compute_at(block, part_loop)
         if post:
             sch.compute_inline(acc)  # the first epilogue block reads the accumulators directly
         # one group's dot products for the tile, in registers, right where the group's scale is applied
