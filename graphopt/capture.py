@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import sympy
 import torch
 import torch.fx as fx
-from torch.export.graph_signature import InputKind
+from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils._sympy.numbers import int_oo
 
 from graphopt.errors import CaptureError
@@ -149,12 +149,18 @@ def _unlift(ep: torch.export.ExportedProgram) -> tuple[fx.GraphModule, Any]:
             raise CaptureError(f"unsupported export input kind {spec.kind} for {spec.target}")
         lifted[spec.arg.name] = (spec.target, tensor, is_param)
 
+    scratch = _scratch_buffer_writes(ep)
     new_graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     fake_mode = None
     for node in ep.graph.nodes:
         if node.op == "call_function" and node.target in RUNTIME_ASSERTIONS:
             continue  # export re-checks dtypes/shapes at run time; our meta already fixes them
+        if node.op == "output" and scratch:
+            outputs = [out for out, spec in zip(node.args[0], ep.graph_signature.output_specs)
+                       if spec.kind != OutputKind.BUFFER_MUTATION]
+            env[node] = new_graph.output(fx.node.map_arg(tuple(outputs), lambda n: env[n]))
+            continue
         if node.op == "placeholder" and node.name in lifted:
             target, tensor, is_param = lifted[node.name]
             attr = ("p_" if is_param else "b_") + target.replace(".", "_")
@@ -170,12 +176,51 @@ def _unlift(ep: torch.export.ExportedProgram) -> tuple[fx.GraphModule, Any]:
                 fake_mode = getattr(node.meta.get("val"), "fake_mode", None)
         new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
         env[node] = new
+    if scratch:  # the writes' own work, now unread
+        new_graph.eliminate_dead_code()
     # Buffers the graph never reads (e.g. BN's num_batches_tracked) become unused get_attrs.
     for node in list(new_graph.nodes):
         if node.op == "get_attr" and not node.users:
             new_graph.erase_node(node)
     # GraphModule copies only the attributes some get_attr node reaches.
     return fx.GraphModule(root, new_graph), fake_mode
+
+
+# Ops that read the shape and dtype of their first argument, never its values.
+_SHAPE_ONLY = {
+    torch.ops.aten.zero.default, torch.ops.aten.zeros_like.default, torch.ops.aten.ones_like.default,
+    torch.ops.aten.empty_like.default, torch.ops.aten.full_like.default, torch.ops.aten.fill.Scalar,
+    torch.ops.aten.new_zeros.default, torch.ops.aten.new_ones.default, torch.ops.aten.new_empty.default,
+    torch.ops.aten.new_full.default, torch.ops.aten.sym_size.int, torch.ops.aten.copy.default,
+}
+
+
+def _scratch_buffer_writes(ep: torch.export.ExportedProgram) -> list[str]:
+    """The buffers ``forward`` writes in place, all of them scratch space: CaptureError otherwise.
+
+    A compiled module is a function of its inputs. A buffer that ``forward`` overwrites before
+    it reads it (a static KV cache reset at the start of every call) is scratch space: no call
+    sees what an earlier one wrote, so its writes are work inside the call and the final value
+    is not kept. A buffer whose value at entry is read (a cache filled across calls, running
+    statistics) carries state from call to call, which a compiled function cannot keep."""
+    sig = ep.graph_signature
+    written = [spec.target for spec in sig.output_specs if spec.kind == OutputKind.BUFFER_MUTATION]
+    if not written:
+        return []
+    placeholder = {spec.target: spec.arg.name for spec in sig.input_specs if spec.kind == InputKind.BUFFER}
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    for target in written:
+        buffer = nodes[placeholder[target]]
+        readers = [u for u in buffer.users if u.target not in RUNTIME_ASSERTIONS
+                   and not (u.target in _SHAPE_ONLY and u.args[0] is buffer and buffer not in u.args[1:])]
+        if readers:
+            trace = [ln.strip() for ln in (readers[0].meta.get("stack_trace") or "").splitlines()
+                     if ln.strip().startswith("File ")]
+            where = f"\n  read at {trace[-1]}" if trace else ""
+            raise CaptureError(f"forward updates buffer {target!r} in place and reads the value an earlier call "
+                               "left in it: a compiled module keeps no state between calls (reset the buffer "
+                               f"at the start of forward, or pass the state as an input and return it){where}")
+    return written
 
 
 def _keep_dynamic_dims_symbolic(gm: fx.GraphModule) -> None:

@@ -186,8 +186,14 @@ class LlamaWithStaticCache(nn.Module):
         for i, layer in enumerate(self.cache.layers):
             self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
             self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
+            self.register_buffer(f"cumulative_length_{i}", layer.cumulative_length, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        # The cache reads its tensors through the module: torch.export traces with its own
+        # stand-ins for the module's buffers, and a tensor reached around them would be a constant.
+        for i, layer in enumerate(self.cache.layers):
+            layer.keys, layer.values = getattr(self, f"key_cache_{i}"), getattr(self, f"value_cache_{i}")
+            layer.cumulative_length = getattr(self, f"cumulative_length_{i}")
         self.cache.reset()  # every call is the first step of a generation: calls do not depend on each other
         out = self.model(input_ids=input_ids, past_key_values=self.cache, cache_position=cache_position,
                          use_cache=True)

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt.testing import assert_close
+from graphopt.testing import assert_close, assert_matches_eager
 from graphopt.errors import CaptureError
 from graphopt.printer import op_name
 
@@ -71,3 +71,43 @@ def test_non_tensor_inputs_are_rejected():
 def test_non_module_is_rejected():
     with pytest.raises(CaptureError, match="expected a torch.nn.Module, got function"):
         graphopt.capture(lambda x: x, torch.randn(1))
+
+
+class ScratchCache(nn.Module):
+    """A static cache as module state, reset at the start of every call (a KV cache's first step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("cache", torch.zeros(2, 8), persistent=False)
+
+    def forward(self, x, at):
+        self.cache.zero_()
+        self.cache.index_copy_(1, at, x)
+        return self.cache.cumsum(1)
+
+
+class RunningSum(nn.Module):
+    """State kept from call to call: each call adds to what the previous ones left."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("total", torch.zeros(4))
+
+    def forward(self, x):
+        self.total.add_(x)
+        return self.total * 2
+
+
+def test_a_buffer_overwritten_before_it_is_read_is_scratch_space():
+    x, at = torch.randn(2, 3), torch.tensor([6, 1, 3])
+    graph = graphopt.capture(ScratchCache(), (x, at))
+    output = next(n for n in graph.fx_graph.nodes if n.op == "output")
+    assert len(output.args[0]) == 1  # the user's output only, not the cache's final value
+    compiled = graphopt.compile(ScratchCache(), "x86", (x, at))
+    for _ in range(2):  # the cache is the call's own: a second call sees nothing of the first
+        assert_matches_eager(compiled(x, at), ScratchCache(), (x, at))
+
+
+def test_a_buffer_carrying_state_between_calls_is_a_capture_error_naming_it():
+    with pytest.raises(CaptureError, match=r"buffer 'total'.*keeps no state between calls(.|\n)*test_capture.py"):
+        graphopt.capture(RunningSum(), (torch.randn(4),))

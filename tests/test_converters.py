@@ -134,3 +134,20 @@ class MaskPositions(nn.Module):
 def test_cumsum_of_a_mask_counts_in_int64():
     mask = torch.tensor([[True] * 10 + [False] * 6, [True] * 4 + [False] * 12])
     compile_and_compare(MaskPositions(), mask)
+
+
+class IndexCopy(nn.Module):
+    def forward(self, cache, rows, at, one, one_at):
+        # a static KV cache's update: new positions written along the sequence dim
+        return cache.index_copy(2, at, rows), cache.index_copy(0, one_at, one)
+
+
+def test_index_copy_writes_slices_along_a_dim_and_checks_its_indices():
+    from graphopt.errors import IndexOutOfRangeError
+
+    cache, rows, one = torch.randn(2, 3, 8, 4), torch.randn(2, 3, 3, 4), torch.randn(1, 3, 8, 4)
+    at, one_at = torch.tensor([5, 0, 2]), torch.tensor([1])
+    compile_and_compare(IndexCopy(), cache, rows, at, one, one_at)
+    compiled = graphopt.compile(IndexCopy().eval(), "x86", (cache, rows, at, one, one_at))
+    with pytest.raises(IndexOutOfRangeError, match="index_copy"):
+        compiled(cache, rows, torch.tensor([5, 8, 2]), one, one_at)

@@ -14,7 +14,9 @@ no converter: targets/frontend/decompose.py decomposes them before lowering.)
   ``dtype=``; a bool mask made as ``x.new_ones((), dtype=torch.bool)`` from an integer ``x`` then
   turns ``&`` into an integer bitwise and, and the attention that takes the mask adds it to the
   scores instead of masking them (transformers' BERT builds its padding mask this way);
-* ``slice.Tensor`` up to a symbolic size: ends at start + the length torch worked out, in bounds.
+* ``slice.Tensor`` up to a symbolic size: ends at start + the length torch worked out, in bounds;
+* ``index_copy``: rows written along any dim (a static KV cache's update); its decomposition is an
+  ``index_put`` with ``None`` for the other dims, which TVM's index_put does not take.
 """
 
 from __future__ import annotations
@@ -251,3 +253,23 @@ def slice_to_a_size(importer, node: fx.Node) -> relax.Expr:
     length = importer._relax_shape(node.meta["val"])[dim]
     return importer.block_builder.emit(relax.op.strided_slice(x, [dim], [start], [start + length], [1],
                                                               assume_inbound=True))
+
+
+@register_converter("index_copy.default")
+def index_copy(importer, node: fx.Node) -> relax.Expr:
+    """``x.index_copy(dim, index, source)``: ``source``'s slice ``i`` along ``dim`` goes to slice
+    ``index[i]`` of ``x``, as a scatter of ``source`` with ``index`` broadcast over the other dims;
+    the indices are checked at run time like every write through an index (indexing.py)."""
+    from graphopt.targets.frontend.indexing import checked_indices
+
+    x, index, source = (importer.env[node.args[i]] for i in (0, 2, 3))
+    rank = len(x.ty.shape.values)
+    dim = int(node.args[1]) % max(rank, 1)
+    bb = importer.block_builder
+    index = checked_indices(importer, node, index, x.ty.shape.values[dim], False, f"dim {dim}")
+    if len(index.ty.shape.values) == 0:  # one slice: index is a scalar, source has no dim there
+        index = bb.emit(relax.op.reshape(index, [1]))
+        source = bb.emit(relax.op.expand_dims(source, dim))
+    index = bb.emit(relax.op.reshape(index, [1] * dim + [-1] + [1] * (rank - dim - 1)))
+    index = bb.emit(relax.op.broadcast_to(index, source.ty.shape))
+    return bb.emit(relax.op.scatter_elements(x, index, source, axis=dim))
