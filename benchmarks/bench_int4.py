@@ -4,7 +4,8 @@
 
 Models: ``mlp_1024`` (Linear 1024-4096, ReLU, Linear 4096-1024) and ``ffn`` (the feed-forward
 block of graphopt.models' transformer: Linear 256-2048, ReLU, Linear 2048-256), at batch 1,
-where a linear layer is bound by the memory traffic of its weight. For each: PyTorch eager
+where a linear layer is bound by the memory traffic of its weight, and ``head_1x1`` (a
+mobilenet-style head: 1x1 convs 960-1280-1000 over the pooled 1x1 image, int4 as linears). For each: PyTorch eager
 fp32, our compiled fp32 (the default pipeline) and our compiled int4
 (``fold,quantize{mode=int4,group=G},fuse``, G = 32 and 128). Latency is the best of
 ``--rounds`` medians with the runtimes taking turns (benchmarks/common.py); size is the
@@ -44,7 +45,18 @@ def ffn() -> nn.Module:
     return nn.Sequential(layer.linear1, nn.ReLU(), layer.linear2).eval()
 
 
-MODELS = {"mlp_1024": mlp_1024, "ffn": ffn}
+def head_1x1() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(960, 1280, 1), nn.ReLU(), nn.Conv2d(1280, 1000, 1)).eval()
+
+
+MODELS = {"mlp_1024": mlp_1024, "ffn": ffn, "head_1x1": head_1x1}
+
+
+def example_shape(model: nn.Module) -> tuple[int, ...]:
+    """Batch-1 input shape: (1, features) for a linear model, (1, channels, 1, 1) for a conv one."""
+    weight = next(model.parameters())
+    return (1, weight.shape[1]) if weight.dim() == 2 else (1, weight.shape[1], 1, 1)
 
 
 def dir_size(path: str) -> int:
@@ -62,9 +74,9 @@ def _call(fn, x):
 
 def bench_model(name: str, runs: int, rounds: int, tmp: str) -> list[list[object]]:
     model = MODELS[name]()
-    features = next(model.parameters()).shape[1]
-    x = torch.randn(1, features, generator=torch.Generator().manual_seed(1))
-    held = [torch.randn(1, features, generator=torch.Generator().manual_seed(s)) for s in range(100, 108)]
+    shape = example_shape(model)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    held = [torch.randn(*shape, generator=torch.Generator().manual_seed(s)) for s in range(100, 108)]
     builds = {"ours fp32": graphopt.compile(model, "x86", (x,))}
     for group in GROUPS:
         builds[f"ours int4 g{group}"] = graphopt.compile(

@@ -82,6 +82,36 @@ def test_mm_by_a_constant_weight_becomes_int4_linear():
     assert sqnr_db(model(x).detach(), graph(x)[0]) > 15.0
 
 
+class SqueezeHead(nn.Module):
+    """A 3x3 conv, then squeeze-excitation style 1x1 convs over the pooled 1x1 image."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Conv2d(3, 64, 3, padding=1)
+        self.pointwise = nn.Conv2d(64, 64, 1)  # over 8x8 pixels: a GEMM, stays float
+        self.squeeze = nn.Conv2d(64, 96, 1)
+        self.classifier = nn.Conv2d(96, 10, 1, bias=False)
+
+    def forward(self, x):
+        x = self.pointwise(torch.relu(self.features(x)))
+        x = torch.relu(self.squeeze(x.mean((2, 3), keepdim=True)))
+        return self.classifier(x).flatten(1)
+
+
+def test_1x1_convs_over_a_1x1_image_become_int4_linears_and_other_convs_say_why_they_stay_float():
+    torch.manual_seed(0)
+    model, x = SqueezeHead().eval(), torch.randn(2, 3, 8, 8)
+    graph = _int4(model, x, group=32)
+    assert len(_linear_int4_nodes(graph)) == 2
+    report = graph.annotations["quantize"]
+    assert report["quantized"] == ["squeeze", "classifier"] and report["float"] == ["features", "pointwise"]
+    reasons = {r["layer"]: r["reason"] for r in report["float_why"]}
+    assert "k x k" in reasons["features"] and "8x8 pixels" in reasons["pointwise"]
+    assert sqnr_db(model(x).detach(), graph(x)[0]) > 15.0
+    compiled = graphopt.compile(graph, "x86", (x,), pipeline="fuse")
+    assert_close(compiled(x), graph(x)[0], "algebraic")
+
+
 def test_group_must_be_one_of_the_supported_sizes():
     with pytest.raises(PipelineError, match="group"):
         _int4(nn.Linear(64, 8), torch.randn(1, 64), group=48)

@@ -14,6 +14,14 @@ Every float32 ``linear`` with a constant weight (and every ``mm``/``matmul`` by 
   stays in [-7, 7] and ``w ~= q * scale``.
 * activations stay float32.
 
+A ``conv2d`` becomes ``linear_int4`` where that pays: a 1x1 conv (no padding, one group) over
+a 1x1 image is a linear layer of its channels (squeeze-excitation blocks, conv classifiers),
+a GEMV bound by its weight's memory traffic. Every other conv stays float, and the build log
+says why (``int4_candidates``): over H x W pixels a conv is a GEMM of H*W rows per image,
+compute-bound, where unpacking the nibbles costs more than reading fewer weight bytes saves
+(a 1x1 conv 960-1280 over 3x3 pixels ran 3-5x slower as int4 than fp32 on an AVX-512 host;
+a k x k conv as im2col adds the patch copy on top).
+
 The op is a ``torch.library`` custom op whose CPU implementation unpacks, dequantizes and
 calls ``linear``: the graph still runs eagerly and is the numerical reference of the TVM
 kernel (targets/frontend/quantized_int4.py), which unpacks in registers and never materializes the
@@ -90,17 +98,48 @@ LINEAR_INT4 = torch.ops.graphopt.linear_int4.default
 
 
 def int4_weight(graph: Graph, op: QuantOp) -> tuple[torch.Tensor, Optional[fx.Node]]:
-    """(the ``(out_features, in_features)`` float weight of a linear or constant-weight matmul, its bias node)."""
+    """(the ``(out_features, in_features)`` float weight of a linear, 1x1 conv or constant-weight
+    matmul, its bias node)."""
     w = graph.constant(op.node.args[op.weight_index]).detach()
-    if op.kind == "linear":
+    if op.kind in ("linear", "conv"):
         bias = op.node.args[2] if len(op.node.args) > 2 else op.node.kwargs.get("bias")
-        return w, bias
+        return w.flatten(1), bias
     return w.t(), None  # x @ W with W (in, out)
 
 
-def int4_candidates(ops: list[QuantOp]) -> list[QuantOp]:
-    """The ops int4 applies to: linears and matmuls by a constant 2-d weight (convs stay float)."""
-    return [op for op in ops if op.weight_index is not None and op.kind in ("linear", "matmul")]
+def _conv_option(node: fx.Node, index: int, name: str, default):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def conv_float_reason(op: QuantOp) -> Optional[str]:
+    """Why the conv of ``op`` stays float under int4, or None when it is a linear layer of its channels."""
+    node = op.node
+    weight = node.args[1].meta["val"]
+    image = node.args[0].meta["val"].shape[2:]
+    padding = _conv_option(node, 4, "padding", 0)
+    if tuple(weight.shape[2:]) != (1, 1) or _conv_option(node, 6, "groups", 1) != 1:
+        return "int4: a k x k or grouped conv is a GEMM over its pixels, compute-bound; float is faster"
+    if any(int(p) != 0 for p in (padding if isinstance(padding, (list, tuple)) else [padding])):
+        return "int4: a padded 1x1 conv is not a linear layer of its channels"
+    if tuple(image) != (1, 1):
+        return (f"int4: a 1x1 conv over {image[0]}x{image[1]} pixels is a GEMM of {image[0] * image[1]} rows, "
+                "compute-bound; int4 pays only on a 1x1 image (a GEMV)")
+    return None
+
+
+def int4_candidates(ops: list[QuantOp]) -> tuple[list[QuantOp], list[tuple[QuantOp, str]]]:
+    """(the ops int4 applies to: linears and matmuls by a constant 2-d weight, 1x1 convs over a 1x1
+    image; the convs that stay float, each with the reason for the build log)."""
+    chosen, kept = [], []
+    for op in ops:
+        if op.weight_index is None:
+            continue
+        reason = conv_float_reason(op) if op.kind == "conv" else None
+        if reason is None:
+            chosen.append(op)
+        else:
+            kept.append((op, reason))
+    return chosen, kept
 
 
 def apply_int4(graph: Graph, ops: list[QuantOp], group: int) -> int:
@@ -116,10 +155,17 @@ def apply_int4(graph: Graph, ops: list[QuantOp], group: int) -> int:
             packed_of[key] = (graph.add_constant(pack_int4(q), f"{w_node.target}_int4", before=node),
                               graph.add_constant(scales, f"{w_node.target}_int4_scale", before=node))
         packed, scales_node = packed_of[key]
-        with graph.fx_graph.inserting_before(node):
-            new = graph.fx_graph.call_function(LINEAR_INT4, (node.args[0], packed, scales_node, group, bias))
-        new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
-        node.replace_all_uses_with(new)
+        fxg = graph.fx_graph
+        with fxg.inserting_before(node):
+            if op.kind == "conv":  # (N, C, 1, 1) -> (N, C) -> linear -> (N, O) -> (N, O, 1, 1)
+                x = fxg.call_function(aten.view.default, (node.args[0], [-1, weight.shape[1]]))
+                linear = fxg.call_function(LINEAR_INT4, (x, packed, scales_node, group, bias))
+                added = [x, linear, fxg.call_function(aten.view.default, (linear, [-1, weight.shape[0], 1, 1]))]
+            else:
+                added = [fxg.call_function(LINEAR_INT4, (node.args[0], packed, scales_node, group, bias))]
+        for new in added:
+            new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        node.replace_all_uses_with(added[-1])
         graph.fx_graph.erase_node(node)
     graph.prune_unused_constants()
     graph.recompile()

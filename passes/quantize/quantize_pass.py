@@ -9,8 +9,9 @@
   unless ``per_channel=false``. Activations: asymmetric unless ``symmetric=true``.
 * ``dynamic``: int8 weights; activation scales computed per batch at run time (symmetric).
 * ``fp16`` / ``bf16``: the op and its weights in half precision, casts around it.
-* ``int4``: weight-only, for linear (and matmul by a constant weight): weights packed two per
-  byte with one scale per ``group`` input features, activations float (int4.py).
+* ``int4``: weight-only, for linear (matmul by a constant weight, 1x1 conv over a 1x1 image):
+  weights packed two per byte with one scale per ``group`` input features, activations float
+  (int4.py); other convs stay float, with the reason in the build log.
 * ``skip``: layers kept in float, by module path (``layer1.0.conv1``) or node name; globs
   allowed (``layer4.*``).
 * ``max_error``: accuracy budget (relative L2 output error vs float on the calibration
@@ -78,11 +79,12 @@ class Quantize(GraphPass):
 
     def run(self, graph: Graph) -> PassResult:
         candidates = quantizable_ops(graph)
+        no_int4: list[tuple[QuantOp, str]] = []
         if self.mode == "int4":
-            candidates = int4_candidates(candidates)
+            candidates, no_int4 = int4_candidates(candidates)
         skipped = [op for op in candidates if any(op.matches(p) for p in self.skip)]
         self._check_skip_patterns(candidates)
-        kept: list[tuple[QuantOp, str]] = [(op, "skip option") for op in skipped]  # (op, why), in order
+        kept: list[tuple[QuantOp, str]] = [(op, "skip option") for op in skipped] + no_int4  # (op, why)
         ops = [op for op in candidates if op not in skipped]
         no_kernel = float_layers(graph, ops) if self.fallback and self.mode in ("int8", "dynamic") else {}
         kept += [(op, no_kernel[op.node.name]) for op in ops if op.node.name in no_kernel]
