@@ -12,6 +12,13 @@ gone), which is what fine-tuning a pruned inference model wants.
 Loss (Hinton et al. knowledge distillation): ``alpha * T^2 * KL(softmax(s/T) || softmax(t/T))
 + (1 - alpha) * cross_entropy(s, y)``; with ``distill=False`` or no teacher, plain
 cross-entropy. A tqdm bar shows progress and the running loss.
+
+Sparsity. The weights listed in ``graph.annotations["sparsity"]`` (the ``sparsify`` pass) keep
+their zeros: their gradients are masked, so Adam's moments of a removed weight stay zero, and
+the mask is applied again after every step, so the pattern (N:M, blocks) and the sparsity hold
+exactly during and after training. ``sparsity_l1=c`` adds ``c * sum |w|`` over the weights of
+every linear and convolution to each batch's loss: L1-regularized training that drives
+weights towards zero, before ``sparsify`` removes them (or between two sparsity steps).
 """
 
 from __future__ import annotations
@@ -29,12 +36,13 @@ from graphopt.graph import Graph
 from graphopt.passes.utils import aten, is_op
 
 _BN = (aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit, aten.batch_norm)
+_MATMUL_WEIGHTED = (aten.linear, aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
 
 
 def finetune(graph: Graph, data: Any, teacher: "torch.nn.Module | Graph | Callable | None" = None, *,
              epochs: int = 10, lr: float = 1e-3, batch_size: int = 64, distill: bool = True,
              temperature: float = 4.0, alpha: float = 0.7, weight_decay: float = 0.0, seed: int = 0,
-             progress: bool = True) -> Graph:
+             sparsity_l1: float = 0.0, progress: bool = True) -> Graph:
     """Train ``graph`` on ``data`` (an ``(inputs, labels)`` pair of tensors or an iterable of
     such batches, e.g. a DataLoader, of any batch size) with Adam; returns the same graph,
     now trained."""
@@ -42,8 +50,12 @@ def finetune(graph: Graph, data: Any, teacher: "torch.nn.Module | Graph | Callab
         raise InputError(f"finetune: epochs, lr and batch_size must be positive (got {epochs}, {lr}, {batch_size})")
     if not 0.0 <= alpha <= 1.0 or temperature <= 0:
         raise InputError(f"finetune: need 0 <= alpha <= 1 and temperature > 0 (got {alpha}, {temperature})")
+    if sparsity_l1 < 0:
+        raise InputError(f"finetune: sparsity_l1 must be >= 0 (got {sparsity_l1})")
     teacher_fn = _as_callable(teacher) if (distill and teacher is not None) else None
     params = trainable_constants(graph)
+    masks = SparsityMasks(graph)
+    l1_weights = matmul_weights(graph) if sparsity_l1 > 0 else []
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     batches = _batches(data, batch_size, gen)
@@ -66,13 +78,20 @@ def finetune(graph: Graph, data: Any, teacher: "torch.nn.Module | Graph | Callab
                         loss = per_sample[:real].sum() / rows
                         loss.backward()
                         loss_sum += loss.item()
+                    if l1_weights:
+                        penalty = sparsity_l1 * sum(w.abs().sum() for w in l1_weights)
+                        penalty.backward()
+                        loss_sum += penalty.item()
+                    masks.mask_gradients()
                     opt.step()
+                    masks.apply()
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_sum:.4f}")
     finally:
         for p in params:
             p.grad = None
             p.requires_grad_(False)
+        masks.apply()
     return graph
 
 
@@ -101,6 +120,38 @@ def trainable_constants(graph: Graph) -> list[torch.Tensor]:
             if t.is_floating_point():
                 seen[n.target] = t
     return list(seen.values())
+
+
+class SparsityMasks:
+    """The zeros of the weights ``sparsify`` recorded, held at zero while a graph trains."""
+
+    def __init__(self, graph: Graph):
+        self.masks: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weight, keep = nonzero at the start)
+        for name in graph.annotations.get("sparsity", {}):
+            weight = getattr(graph.gm, name, None)
+            if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+                self.masks.append((weight, weight.detach() != 0))
+
+    def mask_gradients(self) -> None:
+        for weight, keep in self.masks:
+            if weight.grad is not None:
+                weight.grad.mul_(keep)
+
+    def apply(self) -> None:
+        with torch.no_grad():
+            for weight, keep in self.masks:
+                weight.masked_fill_(~keep, 0.0)
+
+
+def matmul_weights(graph: Graph) -> list[torch.Tensor]:
+    """The constant floating weights of linear and convolution ops (what sparsity_l1 penalizes)."""
+    weights: dict[str, torch.Tensor] = {}
+    for n in graph.call_nodes():
+        if is_op(n, *_MATMUL_WEIGHTED) and len(n.args) > 1 and graph.is_constant(n.args[1]):
+            t = graph.constant(n.args[1])
+            if t.is_floating_point():
+                weights[n.args[1].target] = t
+    return list(weights.values())
 
 
 def _as_callable(teacher: Any) -> Callable[[torch.Tensor], torch.Tensor]:

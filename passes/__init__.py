@@ -4,3 +4,4 @@ from graphopt.passes import cse, dce, fold, fold_batchnorm, fold_constants, noop
 from graphopt.passes import quantize  # noqa: F401,E402
 from graphopt.passes import fuse  # noqa: F401,E402
 from graphopt.passes import prune  # noqa: F401,E402
+from graphopt.passes import sparsify  # noqa: F401,E402
