@@ -42,6 +42,7 @@ from .base import num_cores, simd_lanes, vector_isa
 from .blocked import block_depthwise_inputs
 from .int8 import int8_layout_passes
 from .layout import conv_weight_to_hwio, pack_dense_weights
+from .sparse_linear import sparse_linear_weights
 from .rules import RULE_ATTR, RULES, Dispatched, ScheduleRuleWarning, cpu_schedule_pass, dispatch, rule_of, \
     schedule_primfunc
 from .winograd import winograd_convs
@@ -74,6 +75,8 @@ def cpu_layout_passes(target: tvm.target.Target) -> list:
       memory (resnet18: 24 -> 19 kernels, conv+BN+add+relu in one).
     * winograd_convs: 3x3 stride-1 convs with enough tiles -> Winograd kernels (winograd.py).
     * conv_weight_to_hwio: constant conv2d weights OIHW -> HWIO (see layout.py).
+    * sparse_linear_weights: constant dense weights with enough all-zero blocks -> block-sparse
+      kernels (sparse_linear.py); before pack_dense_weights, which packs the rest.
     * pack_dense_weights: constant dense weights [K, N] -> register-tile panels (layout.py).
     * block_depthwise_inputs: a conv kernel hands the depthwise conv after it NCHW[L]c
       (blocked.py).
@@ -82,5 +85,6 @@ def cpu_layout_passes(target: tvm.target.Target) -> list:
         return []
     lanes = vector_isa(tvm.target.Target(target)).lanes()
     return [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
-            *int8_layout_passes(target), winograd_convs(lanes), conv_weight_to_hwio, pack_dense_weights(lanes),
+            *int8_layout_passes(target), winograd_convs(lanes), conv_weight_to_hwio, sparse_linear_weights(lanes),
+            pack_dense_weights(lanes),
             block_depthwise_inputs(lanes)]

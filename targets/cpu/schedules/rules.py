@@ -31,12 +31,14 @@ from .int8 import Int8DotProduct
 from .matmul import Matmul
 from .pooling import Pooling
 from .reduction import RowReduction
+from .sparse_linear import SparseLinear
 from .winograd import WinogradConv2d
 
 RULE_ATTR = "graphopt.rule"
 STRICT_ENV = "GRAPHOPT_STRICT_RULES"
 
 RULES: list[CPURule] = [
+    SparseLinear(),
     Int4Linear(),
     Int8DotProduct(),
     WinogradConv2d(),

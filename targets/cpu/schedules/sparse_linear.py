@@ -1,0 +1,228 @@
+"""Block-sparse linear layers: constant weights with enough all-zero blocks skip them.
+
+``sparse_linear_weights(lanes)`` is a Relax rewrite, run with the other weight layouts
+before legalization (layout.py): a float32 ``x @ W`` whose weight is a constant (or a
+transposed constant, which is how a linear arrives) and has enough all-zero blocks
+(sparse_format.py decides, per layer, and says why on the ``graphopt.sparse`` logger)
+becomes a call of a block-sparse kernel. Its constants are the kept blocks, their columns
+and the block rows' starts: the dense weight leaves the module, so the artifact shrinks
+with the sparsity. Blocks are one SIMD vector wide; of the two layouts (sparse_format.py)::
+
+    row blocks (1 x L):   for each output n, for each kept block j of row n:
+                            acc[0:L] += values[j, 0:L] * x[m, L*col[j] : L*col[j] + L]
+                          y[m, n] = sum(acc)            (halving tree, log2 L vector adds)
+    column blocks (L x 1): for each block row b, for each kept block j of row b:
+                            acc[0:L] += values[j, 0:L] * x[m, col[j]]      (a broadcast)
+                          y[m, L*b : L*b + L] = acc
+
+Each kept block is read once for a tile of ``rows_per_tile`` input rows (up to 8, the rows'
+accumulators in registers). A kept-block loop's length is read from ``indptr`` at run time,
+which TensorIR cannot express as a block iterator; so the kernel is written as one block per
+(row tile, block row) whose body holds the vector loops, annotated with ``SPARSE_BLOCK_ATTR``,
+and the rule ``SparseLinear`` orders and parallelizes the block's loops (weight rows outer,
+so a row's blocks stay in L1 across the row tiles) and schedules the fused epilogue.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import tvm
+from tvm import relax, s_tir
+from tvm.script import tirx as T
+from tvm.target import Target
+
+from graphopt.rewrite import Rewrite
+
+from . import base
+from .layout import CallSite, _constant_weight, call_rewrite_pass, static_shape
+from .sparse_format import BSRWeight, choose
+
+logger = logging.getLogger("graphopt.sparse")
+
+SPARSE_BLOCK_ATTR = "graphopt.sparse_linear"  # block annotation: "row" or "column" blocks
+_MATMUL = tvm.ir.Op.get("relax.matmul")
+_MAX_ROWS_PER_TILE = 8  # accumulators: 8 rows x one vector, well inside 16 (AVX2) or 32 registers
+# Multiply-adds below which the kernel stays single-threaded (as the dense rule: matmul.py).
+_MIN_PARALLEL_MACS = 1 << 16
+
+
+def rows_per_tile(rows: int) -> int:
+    """The largest divisor of ``rows`` up to 8: rows sharing each loaded block."""
+    return max(t for t in range(1, min(rows, _MAX_ROWS_PER_TILE) + 1) if rows % t == 0)
+
+
+def row_block_kernel(rows: int, in_f: int, out_f: int, lanes: int, kept: int) -> tvm.tirx.PrimFunc:
+    """``y[m, n] = sum over kept 1 x lanes blocks of row n`` (module doc)."""
+    tile = rows_per_tile(rows)
+    x_shape, y_shape, ptr_shape = _i64(rows, in_f), _i64(rows, out_f), _i64(out_f + 1)
+    # the halving tree's widths, lanes/2 .. 1 (lanes 4 to 16); a level of width 0 is left out
+    h1, h2, h3, h4 = lanes // 2, lanes // 4, lanes // 8, lanes // 16
+
+    @T.prim_func(s_tir=True)
+    def sparse_linear(x: T.Buffer(x_shape, "float32"), values: T.Buffer((kept, lanes), "float32"),
+                      indices: T.Buffer((kept,), "int32"), indptr: T.Buffer(ptr_shape, "int32"),
+                      y: T.Buffer(y_shape, "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for mo, n in T.grid(rows // tile, out_f):
+            with T.sblock("sparse_linear"):
+                vmo, vn = T.axis.remap("SS", [mo, n])
+                T.reads(x[vmo * tile:vmo * tile + tile, 0:in_f], values[0:kept, 0:lanes], indices[0:kept],
+                        indptr[vn:vn + 2])
+                T.writes(y[vmo * tile:vmo * tile + tile, vn])
+                T.sblock_attr({SPARSE_BLOCK_ATTR: "row"})
+                # "global" scope: a small constant allocation is a stack array, which LLVM keeps in
+                # registers ("local" would be a workspace allocation, stored to on every step)
+                acc = T.alloc_buffer((tile, lanes), "float32", scope="global")
+                start: T.int32 = indptr[vn]
+                stop: T.int32 = indptr[vn + 1]
+                for mi in T.unroll(tile):
+                    for c in T.vectorized(lanes):
+                        acc[mi, c] = T.float32(0)
+                for j in range(start, stop):
+                    col: T.int32 = indices[j] * lanes
+                    for mi in T.unroll(tile):
+                        for c in T.vectorized(lanes):
+                            acc[mi, c] = acc[mi, c] + values[j, c] * x[vmo * tile + mi, col + c]
+                for mi in T.unroll(tile):
+                    for c in T.vectorized(h1):
+                        acc[mi, c] = acc[mi, c] + acc[mi, c + h1]
+                    for c in T.vectorized(h2):
+                        acc[mi, c] = acc[mi, c] + acc[mi, c + h2]
+                    if h3 > 0:  # a Python constant: the level is there or not
+                        for c in T.vectorized(h3):
+                            acc[mi, c] = acc[mi, c] + acc[mi, c + h3]
+                    if h4 > 0:
+                        for c in T.vectorized(h4):
+                            acc[mi, c] = acc[mi, c] + acc[mi, c + h4]
+                    y[vmo * tile + mi, vn] = acc[mi, 0]
+
+    return sparse_linear
+
+
+def column_block_kernel(rows: int, in_f: int, out_f: int, lanes: int, kept: int) -> tvm.tirx.PrimFunc:
+    """``y[m, lanes*b : lanes*b + lanes] = sum over kept lanes x 1 blocks of block row b`` (module doc)."""
+    tile = rows_per_tile(rows)
+    block_rows = out_f // lanes
+    x_shape, y_shape, ptr_shape = _i64(rows, in_f), _i64(rows, out_f), _i64(block_rows + 1)
+
+    @T.prim_func(s_tir=True)
+    def sparse_linear(x: T.Buffer(x_shape, "float32"), values: T.Buffer((kept, lanes), "float32"),
+                      indices: T.Buffer((kept,), "int32"), indptr: T.Buffer(ptr_shape, "int32"),
+                      y: T.Buffer(y_shape, "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for mo, b in T.grid(rows // tile, block_rows):
+            with T.sblock("sparse_linear"):
+                vmo, vb = T.axis.remap("SS", [mo, b])
+                T.reads(x[vmo * tile:vmo * tile + tile, 0:in_f], values[0:kept, 0:lanes], indices[0:kept],
+                        indptr[vb:vb + 2])
+                T.writes(y[vmo * tile:vmo * tile + tile, vb * lanes:vb * lanes + lanes])
+                T.sblock_attr({SPARSE_BLOCK_ATTR: "column"})
+                acc = T.alloc_buffer((tile, lanes), "float32", scope="global")  # see row_block_kernel
+                start: T.int32 = indptr[vb]
+                stop: T.int32 = indptr[vb + 1]
+                for mi in T.unroll(tile):
+                    for r in T.vectorized(lanes):
+                        acc[mi, r] = T.float32(0)
+                for j in range(start, stop):
+                    col: T.int32 = indices[j]
+                    for mi in T.unroll(tile):
+                        for r in T.vectorized(lanes):
+                            acc[mi, r] = acc[mi, r] + values[j, r] * x[vmo * tile + mi, col]
+                for mi in T.unroll(tile):
+                    for r in T.vectorized(lanes):
+                        y[vmo * tile + mi, vb * lanes + r] = acc[mi, r]
+
+    return sparse_linear
+
+
+def _i64(*dims: int) -> tuple:
+    """Buffer dimensions as int64, the type of the legalized kernels' shapes (FuseTIR matches them)."""
+    return tuple(tvm.tirx.IntImm("int64", d) for d in dims)
+
+
+def sparse_kernel(bsr: BSRWeight, rows: int) -> tvm.tirx.PrimFunc:
+    """The kernel for ``bsr`` over ``rows`` input rows."""
+    out_f, in_f = bsr.shape
+    make = row_block_kernel if bsr.block[0] == 1 else column_block_kernel
+    return make(rows, in_f, out_f, max(bsr.block), bsr.kept)
+
+
+# --------------------------------------------------------------------------- the Relax rewrite
+
+
+def _sparse_weight(lanes: int):
+    def match(site: CallSite):
+        if not site.is_call_to(_MATMUL):
+            return None
+        x, weight = site.call.args
+        w = _constant_weight(site, weight)
+        shape = static_shape(x.ty)
+        if (w is None or w.ndim != 2 or str(w.dtype) != "float32" or shape is None or len(shape) < 2
+                or str(x.ty.dtype) != "float32"
+                or str(site.call.attrs.out_dtype) not in ("", "None", "void", "float32")):
+            return None
+        rows = int(np.prod(shape[:-1]))
+        choice, bsr = choose(np.ascontiguousarray(w.T), rows, lanes)  # (out, in), as the linear's weight
+        if choice.notable:
+            logger.info("%s", choice.reason())
+        return (bsr, shape) if bsr is not None else None
+
+    def replace(site: CallSite, found):
+        bsr, shape = found
+        builder = site.rewriter.builder_
+        out_f, in_f = bsr.shape
+        rows = int(np.prod(shape[:-1]))
+        x = site.call.args[0]
+        if len(shape) != 2:
+            x = builder.emit(relax.op.reshape(x, [rows, in_f]))
+        kernel = builder.add_func(sparse_kernel(bsr, rows), "sparse_linear")
+        y = relax.call_tir(kernel, [x, relax.const(bsr.values, "float32"), relax.const(bsr.indices, "int32"),
+                                    relax.const(bsr.indptr, "int32")], relax.TensorType([rows, out_f], "float32"))
+        if len(shape) == 2:
+            return y
+        return relax.op.reshape(builder.emit(y), [*shape[:-1], out_f])
+
+    return Rewrite("matmul-block-sparse", match, replace,
+                   "constant float32 matmul weight with enough all-zero blocks -> block-sparse kernel")
+
+
+def sparse_linear_weights(lanes: int) -> tvm.transform.Pass:
+    """Module pass: constant-weight float32 matmuls whose weight is sparse enough become
+    block-sparse kernels (module doc); run before ``pack_dense_weights``, which takes the rest."""
+    return call_rewrite_pass("graphopt.SparseLinearWeights", [_sparse_weight(lanes)], cleanup=True)
+
+
+# --------------------------------------------------------------------------- the schedule rule
+
+
+class SparseLinear(base.CPURule):
+    """The block-sparse kernel above, found by its block annotation; the input's reshape before
+    it and its epilogue (bias, activation) after it are elementwise loops."""
+
+    def analyze(self, func):
+        return base.root_blocks(func)
+
+    def match(self, info: base.FuncInfo, target: Target):
+        sch = info.sch
+        mains = [i for i, b in enumerate(info.blocks) if SPARSE_BLOCK_ATTR in sch.get(b).annotations]
+        if len(mains) != 1 or len(sch.get_loops(info.blocks[mains[0]])) != 2:
+            return None
+        # before it: the input flattened to rows (a sequence's); after it: the epilogue
+        return info.blocks[:mains[0]], info.blocks[mains[0]], info.blocks[mains[0] + 1:]
+
+    def schedule(self, info: base.FuncInfo, match, target: Target) -> s_tir.Schedule:
+        sch = info.sch
+        pre, main, post = match
+        row_tiles, weight_rows = sch.get_loops(main)
+        sch.reorder(weight_rows, row_tiles)  # a weight row's kept blocks stay in cache across the row tiles
+        x, values = (r.source for r in sch.get(main).reads[:2])  # the kernel's reads: x, values, ...
+        macs = int(x.shape[0]) * int(values.shape[0]) * int(values.shape[1])
+        cores = base.num_cores(target)
+        if cores > 1 and macs >= _MIN_PARALLEL_MACS:
+            sch.parallel(weight_rows)
+        lanes = base.simd_lanes(target)
+        for block in [*pre, *post]:
+            base.parallel_vectorize_injective(sch, block, lanes, cores)
+        return sch
