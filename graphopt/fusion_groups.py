@@ -27,15 +27,34 @@ group's pattern and the intermediate bytes it saves.
 from __future__ import annotations
 
 import networkx as nx
+import torch
 import torch.fx as fx
 
 from graphopt.errors import GraphInvariantError
 from graphopt.op_kinds import is_pure
 
 
+# Ops that read only the shape and dtype of their first argument: with a static shape their
+# value is a constant whatever that argument's values (``x.new_zeros(...)``, a fill of a slice).
+SHAPE_ONLY_FIRST_ARG = frozenset({
+    "new_ones.default", "new_zeros.default", "new_full.default", "new_empty.default", "ones_like.default",
+    "zeros_like.default", "full_like.default", "empty_like.default", "fill.Scalar", "fill.Tensor", "zero.default",
+})
+
+
+def _value_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs whose values ``node`` reads: all of them, but a static-shape fill's first."""
+    val = node.meta.get("val")
+    if (getattr(node.target, "__name__", "") in SHAPE_ONLY_FIRST_ARG and isinstance(val, torch.Tensor)
+            and not any(isinstance(d, torch.SymInt) for d in val.shape)):
+        return [a for a in node.all_input_nodes if a is not node.args[0]]
+    return node.all_input_nodes
+
+
 def compile_time_nodes(graph) -> set[fx.Node]:
     """The call nodes whose value depends on no graph input: pure ops on constants only
-    (``get_attr``s, other such nodes, or nothing at all, like ``arange(16)``).
+    (``get_attr``s, other such nodes, or nothing at all, like ``arange(16)``), where a fill of
+    a static shape reads no input's values (swin's attention mask, built in ``x.new_zeros``).
 
     The backend evaluates them while it builds, so they are never kernels (invariant 4).
     Random ops (``rand``) read no input either but give a new value every call: not these.
@@ -43,7 +62,7 @@ def compile_time_nodes(graph) -> set[fx.Node]:
     found: set[fx.Node] = set()
     for n in graph.nodes:
         if n.op == "call_function" and is_pure(n) and all(
-                a.op == "get_attr" or a in found for a in n.all_input_nodes):
+                a.op == "get_attr" or a in found for a in _value_inputs(n)):
             found.add(n)
     return found
 

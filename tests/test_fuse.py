@@ -310,3 +310,32 @@ def test_cuda_build_of_fused_transformer_compiles():
     module = graphopt.compile(ref.build(), "cuda", (ref.example_input(),), "fold,fuse")
     assert module.manifest["fusion"] == "graph"
     assert len(module.graph.annotations["fusion"]) == 8  # per layer: attention + 3 linear epilogues
+
+
+class MaskFilledInNewZeros(nn.Module):
+    """swin's shifted-window mask: regions of ``x.new_zeros`` filled with their number, then
+    turned into an additive mask; a fill of a slice of a value computed from the input too."""
+
+    def forward(self, x):
+        regions = x.new_zeros((4, 4))
+        regions[:2, 2:] = 1.0
+        regions[2:, :] = 2.0
+        mask = (regions.view(1, 16).unsqueeze(2) - regions.view(1, 16).unsqueeze(1)).masked_fill(
+            regions.view(1, 16, 1) != 0, -100.0)
+        scratch = torch.relu(x)
+        scratch[:, :1].fill_(3.0)
+        return torch.softmax(x + mask, -1) + scratch
+
+
+def test_a_mask_filled_into_a_static_fill_is_computed_while_building_not_fused():
+    # swin_t: the mask's ops read x only for its shape; as a group they formed a kernel that
+    # TVM folded to a constant, and FuseTIR stopped on a function with nothing to compute.
+    from graphopt.fusion_groups import compile_time_nodes
+
+    model, x = MaskFilledInNewZeros().eval(), torch.randn(1, 16, 16)
+    graph = fused(model, x, pipeline=DEFAULT_PIPELINE)
+    on_constants = compile_time_nodes(graph)
+    assert {"new_zeros", "fill", "slice_scatter", "masked_fill"} <= {op_name(n).split(".")[0] for n in on_constants}
+    assert not {n for members in node_groups(graph).values() for n in members} & on_constants
+    module = graphopt.compile(model, "x86", (x,))
+    assert_matches_eager(module(x), model, (x,))
