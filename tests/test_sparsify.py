@@ -50,6 +50,15 @@ class TiedLM(nn.Module):
         return self.out(torch.relu(self.mix(self.embed(ids))))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny models: more threads only add contention on a shared machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def convnet():
     torch.manual_seed(0)
@@ -242,7 +251,7 @@ def _random_digits(n=256):
 @pytest.mark.parametrize("options", ["pattern=2:4", "sparsity=0.9,pattern=block,block=4x4", "sparsity=0.8"])
 def test_finetune_keeps_every_zero_and_trains_the_rest(options):
     teacher = models.digits_mlp()
-    sparse = _sparsify(teacher, torch.randn(4, 64), options)
+    sparse = graphopt.optimize(teacher, (torch.randn(4, 64),), f"sparsify{{{options}}}", dynamic_shapes="batch")
     before = {layer: w.clone() for layer, w in _weights(sparse).items()}
     graphopt.finetune(sparse, _random_digits(), teacher=teacher, distill=True, epochs=2, weight_decay=1e-3,
                       sparsity_l1=1e-4, progress=False)
@@ -256,7 +265,7 @@ def test_sparsity_l1_pulls_weights_towards_zero():
     teacher = models.digits_mlp()
     norms = []
     for l1 in (0.0, 1e-3):
-        graph = graphopt.capture(teacher, torch.randn(4, 64))
+        graph = graphopt.capture(teacher, torch.randn(4, 64), dynamic_shapes="batch")
         graphopt.finetune(graph, _random_digits(), teacher=teacher, epochs=2, sparsity_l1=l1, progress=False)
         norms.append(float(graph.gm.p_fc1_weight.abs().sum() + graph.gm.p_fc2_weight.abs().sum()))
     assert norms[1] < 0.97 * norms[0]
@@ -270,14 +279,11 @@ def test_sparsity_l1_pulls_weights_towards_zero():
 @pytest.fixture(scope="module")
 def digits():
     """The digits MLP and CNN trained as the prune tests train them, and their data."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: more threads only add contention on a shared machine
     trained = {}
     for name, image in (("digits_mlp", False), ("digits_cnn", True)):
         model, _ = models.train_digits(getattr(models, name)(), epochs=30)
         trained[name] = (model, models.load_digits_split(image=image))
-    yield trained
-    torch.set_num_threads(before)
+    return trained
 
 
 def test_compiled_sparse_cnn_matches_the_eager_sparse_graph(digits):
