@@ -125,6 +125,8 @@ def _x86_host() -> TargetSpec:
     else:
         mcpu = "x86-64"
     mattr = sorted(f"-{llvm}" for linux, llvm in _GUARDED_FEATURES.items() if linux not in flags)
+    if "avx_vnni" in flags and "avx512_vnni" not in flags:
+        mattr.append("+avxvnni")  # AVX2 hosts with AVX-VNNI (Alder Lake): haswell does not imply it
     feats = tuple(sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni",
                                                   "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16",
                                                   "avx512_fp16")))
@@ -153,6 +155,9 @@ def _presets() -> dict[str, TargetSpec]:
         "x86": _x86_host(),
         "x86-avx2": TargetSpec("x86-avx2", {**x86, "mcpu": "haswell"},
                                description="any x86-64 with AVX2+FMA (Haswell and newer)", features=("avx2", "fma")),
+        "x86-avx-vnni": TargetSpec("x86-avx-vnni", {**x86, "mcpu": "haswell", "mattr": ["+avxvnni"]},
+                                   description="x86-64 with AVX2 and AVX-VNNI, no AVX-512 (Alder Lake and later)",
+                                   features=("avx2", "fma", "avx_vnni")),
         "x86-avx512": TargetSpec("x86-avx512", {**x86, "mcpu": "cascadelake"},
                                  description="x86-64 with AVX-512 and VNNI (Cascade Lake and newer)",
                                  features=("avx512f", "avx512_vnni")),

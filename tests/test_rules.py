@@ -72,7 +72,8 @@ def test_vector_isa_comes_from_the_targets_features(target, name, lanes, registe
 def test_int8_rule_tensorizes_with_what_the_isa_offers():
     assert dot_instruction(resolve_target("x86-avx512").tvm_target()) == "vnni"
     assert dot_instruction(resolve_target("arm64-dotprod").tvm_target()) == "sdot"
-    assert dot_instruction(resolve_target("x86-avx2").tvm_target()) is None
+    assert dot_instruction(resolve_target("x86-avx2").tvm_target()) == "avx2"
+    assert dot_instruction(resolve_target("x86-avx-vnni").tvm_target()) == "avx-vnni"
     assert dot_instruction(resolve_target("arm64").tvm_target()) is None
 
 

@@ -108,7 +108,7 @@ def test_targets_pick_their_dot_instruction():
     assert dot_instruction(ARM) == "sdot"
     assert dot_instruction(resolve_target("arm64").tvm_target()) is None  # NEON without dotprod
     assert dot_instruction(resolve_target("x86-avx512").tvm_target()) == "vnni"  # cascadelake
-    assert dot_instruction(resolve_target("x86-avx2").tvm_target()) is None
+    assert dot_instruction(resolve_target("x86-avx2").tvm_target()) == "avx2"  # tests/test_int8_tiers.py
 
 
 # ------------------------------------------------------------------- the rule (x86)
@@ -161,11 +161,11 @@ def test_rule_leaves_float_and_unpacked_kernels_alone():
 
     rule, _ = _scheduled_kernel(_module((1, 4, 8, 8), body, "float32"), X86)
     assert rule != "Int8DotProduct"
-    # a target without a dot instruction keeps the plain int8 conv (no packing)
-    avx2 = resolve_target("x86-avx2").tvm_target()
+    # a target without a dot instruction (SSE-only x86) keeps the plain int8 conv (no packing)
+    sse = resolve_target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"}).tvm_target()
     conv = _module((1, 4, 8, 8), lambda bb, xv: relax.op.nn.conv2d(
         xv, relax.const(np.ones((16, 4, 3, 3), "int8")), out_dtype="int32"))
-    rule, func = _scheduled_kernel(conv, avx2)
+    rule, func = _scheduled_kernel(conv, sse)
     assert rule != "Int8DotProduct" and "int8_pack" not in func.script()
 
 
@@ -208,14 +208,14 @@ def small_resnet_int8():
     return q, test
 
 
-@pytest.mark.parametrize("target, vnni", [pytest.param("x86", True, marks=needs_vnni, id="avx512-vnni"),
-                                          pytest.param("x86-avx2", False, id="avx2")])
-def test_int8_model_on_x86_matches_fake_quant(small_resnet_int8, target, vnni):
-    """With VNNI the int8 kernels are vpdpbusd; on AVX2 (8 lanes, 16 registers) the float-style
-    rules schedule the plain int8 x int8 -> int32 kernels, with the same integer result."""
+@pytest.mark.parametrize("target, instruction", [pytest.param("x86", "vpdpbusd", marks=needs_vnni, id="avx512-vnni"),
+                                                 pytest.param("x86-avx2", "vpmaddubsw", id="avx2")])
+def test_int8_model_on_x86_matches_fake_quant(small_resnet_int8, target, instruction):
+    """With AVX512-VNNI the int8 kernels are vpdpbusd zmm; on AVX2 (8 lanes, 16 registers)
+    vpmaddubsw + vpmaddwd ymm, with the same integer result."""
     q, test = small_resnet_int8
     cm = graphopt.compile(q, target, pipeline="none")
-    assert ("vpdpbusd" in _asm(cm.executable)) == vnni
+    assert instruction in _asm(cm.executable)
     out, ref = cm(test), q(test)[0]
     # the int8 rung: integer kernels within one quantization step of the eager fake-quant reference
     assert_close(out, ref, "int8", fake_quant=True)

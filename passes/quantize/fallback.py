@@ -3,19 +3,23 @@
 An int8 layer only pays where the target has an integer kernel for it: the integer lowering
 (targets/frontend/quantized.py) turns every QDQ-wrapped op into an int8 x int8 -> int32
 product, and the CPU build packs that product for a dot-product instruction
-(targets/cpu/schedules/int8.py: AVX512-VNNI ``vpdpbusd`` or AArch64 ``sdot``) only when
+(targets/cpu/schedules/int8.py: ``vpdpbusd`` zmm or ymm, AVX2 ``vpmaddubsw``, AArch64 ``sdot``) only when
 
 * the op is a conv2d with ``groups=1`` or a matmul/linear against a constant 2-D weight,
 * every shape is static (the kernel's packing loops are sized at build time),
 * the layer is big enough: below :data:`MIN_INT8_MACS` multiply-accumulates the quantize step
   and the activation packing in front of the kernel cost more than the integer product saves
   (benchmarks/quantize_zoo.py on an AVX512-VNNI host: BERT-small's linears, 65K-131K MACs each,
-  ran the model at 0.64x of float; resnet18 at 64x64, 0.5M-9.6M MACs per layer, at 2.9x).
+  ran the model at 0.64x of float; resnet18 at 64x64, 0.5M-9.6M MACs per layer, at 2.9x;
+  with ``--target x86-avx2`` a 451K-MAC conv broke even),
+* on AVX2 (:data:`FLOAT_KINDS_BY_DOT`), the layer is a conv: the exact ``vpmaddubsw`` kernel
+  ran linears of 0.26M-2.1M MACs 1.07-1.19x slower than float, convs where float's tiles are
+  weak (7x7 maps) up to 10x faster.
 
 Any other int8 product is scheduled like a float kernel that multiplies one byte pair per
 instruction, plus the quantize/dequantize traffic around it: slower than the float layer it
-replaces. A target without the instruction at all (AVX2 without VNNI, AVX-VNNI on ymm,
-NEON without dotprod) runs every int8 layer that way. So the ``quantize`` pass, when it
+replaces. A target without any of those instructions (SSE-only x86, NEON without dotprod)
+runs every int8 layer that way. So the ``quantize`` pass, when it
 knows the build target (``graphopt.compile`` and ``graphopt.optimize(..., target=)`` record
 it in ``graph.annotations["target"]``), keeps such layers in float and says why. Without a
 target the pass quantizes every candidate: the QDQ graph is then the target-neutral
@@ -39,6 +43,8 @@ from graphopt.passes.quantize.insert_qdq import QuantOp
 
 # Multiply-accumulates below which a layer stays float (see the module docstring).
 MIN_INT8_MACS = 1 << 18
+# Op kinds that stay float whatever their size, per int8 instruction (see the module docstring).
+FLOAT_KINDS_BY_DOT = {"avx2": ("linear", "matmul")}
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,7 @@ class IntegerTarget:
 
     name: str  # the target's name, for the messages
     kind: str  # "llvm" or "cuda"
-    dot: str | None  # the dot-product instruction the CPU int8 kernels use ("vnni", "sdot"), if any
+    dot: str | None  # the CPU int8 kernels' instruction ("vnni", "avx-vnni", "avx2", "sdot"), if any
     isa: str = ""  # the vector ISA, in words (CPU targets)
 
 
@@ -91,6 +97,8 @@ def float_reason(op: QuantOp, target: IntegerTarget) -> str | None:
         return "matmul of two activations: no int8 kernel"
     if not all(_shape_is_static(n) for n in (op.node, *op.activations)):
         return "dynamic shape: the int8 kernel is sized at build time"
+    if op.kind in FLOAT_KINDS_BY_DOT.get(target.dot, ()):
+        return f"{op.kind} on {target.dot}: the int8 kernel measured slower than float"
     macs = multiply_accumulates(op)
     if macs < MIN_INT8_MACS:
         return f"small layer: {macs} MACs < {MIN_INT8_MACS}, quantizing and packing cost more than int8 saves"

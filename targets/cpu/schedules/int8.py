@@ -1,35 +1,54 @@
-"""int8 x int8 -> int32 conv2d / dense on dot-product instructions (x86 VNNI, aarch64 sdot).
+"""int8 x int8 -> int32 conv2d / dense on dot-product instructions (x86 and aarch64).
 
 targets/frontend/quantized.py lowers every quantized conv/linear/matmul to a plain Relax
 ``conv2d`` / ``matmul`` with an int8 input, a *constant* int8 weight and ``out_dtype=int32``.
 Scheduled like a float kernel that multiplies one byte pair per instruction; the CPUs we
-target have instructions that do four per 32-bit lane:
+target have instructions that do four per 32-bit lane (the target's ``VectorISA.int8_dot``
+says which, from its features):
 
-* x86 AVX-512 VNNI ``vpdpbusd``: 16 lanes x 4 products of *unsigned* u8 x signed s8
-  (TVM intrinsic ``dot_16x4_vnni``: ``C[16] += A_u8[4] . B_s8[16, 4]``);
-* aarch64 dotprod ``sdot``: 4 lanes x 4 products of s8 x s8 (``dot_4x4_i8i8s32_sdot``).
+* ``vnni``: AVX512-VNNI ``vpdpbusd`` zmm, 16 lanes x 4 products of *unsigned* u8 x signed s8;
+* ``avx-vnni``: AVX-VNNI ``vpdpbusd`` ymm (``{vex}``), the same on 8 lanes;
+* ``avx2``: ``vpmaddubsw`` (u8 x s8 -> pair sums in s16) + ``vpmaddwd`` by ones (-> s32)
+  + ``vpaddd``, 8 lanes (MLAS's AVX2 U8S8 kernel);
+* ``sdot``: aarch64 dotprod, 4 lanes x 4 products of s8 x s8.
+
+``vpmaddubsw`` saturates its s16 pair sums: ``255 * -127 * 2`` does not fit. MLAS accepts
+the saturation, oneDNN and ORT's ``reduce_range`` quantize weights to 7 bits instead.
+Here the product is exact with 8-bit weights: the activation stays signed (s8, no shift)
+and the kernel multiplies ``|a|`` (u8, at most 128) by ``sign(a) * w`` (``vpsignb``; weights
+are symmetric in [-127, 127], so negating one never wraps), whose pair sums are at most
+``128 * 127 * 2 = 32512``. The price is one ``vpsignb`` per product (``|a|`` is one per
+activation word, shared by every channel block): 4 instructions per 32 multiply-adds
+instead of 3. Measured with ``--target x86-avx2`` on a Sapphire-Rapids-class Xeon, one
+thread: the saturating form ran a 64-channel 3x3 conv at 28x28 17% faster and a 128x128
+linear 13% faster, at the cost of wrong sums at the extremes (tests/test_int8_tiers.py
+builds such operands) or of a weight bit (ORT's ``reduce_range``). Sign-extending both
+operands to s16 for ``vpmaddwd`` alone, also exact, issues as many instructions per product
+(``vpmaddwd`` + ``vpaddd`` per 16) and moves twice the weight bytes; it is not measured here.
+A weight of -128 (a QDQ model from elsewhere) would wrap, and such a layer keeps the plain
+form.
 
 Two parts, one per pipeline stage:
 
 1. ``int8_layout_pass`` (Relax, before LegalizeOps; wired in by ``cpu_layout_passes``)
    replaces each such call by a TE kernel in the layout the instruction wants:
    the weight is re-packed *at compile time* (numpy) to ``[F/16][K/4] .. [16][4]`` blocks of
-   16 output channels x 4 reduction elements (64 contiguous bytes: one VNNI operand, or
-   four ``sdot`` operands); the activation is re-packed at run time to 4 reduction
-   elements innermost (NCHW -> N[C/4]HW[4]: one broadcast 32-bit load), in the kernel's
-   prologue, and for VNNI shifted to unsigned (``u8 = s8 + 128``). The shift adds
-   ``128 * sum_k W[f, k]`` to every output; the kernel subtracts that per-channel
-   constant in its first epilogue step, so the result is bit-identical.
+   16 output channels x 4 reduction elements (64 contiguous bytes: one zmm VNNI operand,
+   two ymm ones or four ``sdot`` ones); the activation is re-packed at run time to 4
+   reduction elements innermost (NCHW -> N[C/4]HW[4]: one broadcast 32-bit load), in the
+   kernel's prologue, and for ``vpdpbusd`` shifted to unsigned (``u8 = s8 + 128``). The
+   shift adds ``128 * sum_k W[f, k]`` to every output; the kernel subtracts that
+   per-channel constant in its first epilogue step, so the result is bit-identical.
    The accumulator is laid out ``[.., F/16, .., 16]`` (output channels innermost), so
-   16 consecutive channels are one register.
+   16 consecutive channels are one zmm register (two ymm, four NEON).
 2. ``Int8DotProduct`` (a schedule rule, first in RULES) finds those kernels after FuseTIR
    (their reduction block is named ``int8_dot``), tiles the fused epilogue's output into
    ``pixels x (16 * FV)`` channel tiles, computes the accumulator tile under it in
-   registers, and tensorizes the inner (16 channels x 4) step with the target's intrinsic.
+   registers, and tensorizes the inner (16 channels x 4) step with the target's intrinsic
+   (in 16 / lanes pieces).
 
-Targets without either instruction keep the plain form (the float-style rules schedule
-it). AVX-512BW's ``vpmaddubsw`` sequence (TVM's ``dot_16x4_avx512``) is deliberately not
-used: it saturates its int16 pair sums, and ``255 * 127 * 2`` overflows int16.
+Targets without any of these (SSE-only x86, NEON without dotprod) keep the plain form (the
+float-style rules schedule it, and the quantize pass keeps those layers in float).
 """
 
 from __future__ import annotations
@@ -48,6 +67,7 @@ from tvm.target import Target
 from graphopt.rewrite import Rewrite
 
 from . import base
+from .int8_ymm import ymm_intrinsic
 from .layout import CallSite, call_rewrite_pass, constant_array, static_shape
 
 # Output channels per weight block / per accumulator register (VNNI: 16 x int32 = 512 bit).
@@ -60,18 +80,28 @@ _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 
 
-def dot_instruction(target: Target | None) -> str | None:
-    """"vnni", "sdot" or None: the int8 dot-product instruction this rule tensorizes with.
+# VectorISA.int8_dot -> the instruction this rule tensorizes with, and its int32 lanes.
+_INSTRUCTIONS = {"vnni-512": "vnni", "avx-vnni-256": "avx-vnni", "vpmaddubsw-256": "avx2",
+                 "i8mm": "sdot", "sdot": "sdot"}
+LANES = {"vnni": 16, "avx-vnni": 8, "avx2": 8, "sdot": 4}
+# Instructions that multiply an unsigned activation (u8 = s8 + 128) by the signed weight.
+_UNSIGNED_ACTIVATION = ("vnni", "avx-vnni")
 
-    From the target's vector ISA: AVX512-VNNI, or AArch64 dotprod (which every i8mm core
-    also has).  The other int8 paths the ISA names (AVX-VNNI on ymm, AVX2's vpmaddubsw
-    pair sums) are not kernels here: those targets keep the plain form."""
+
+def dot_instruction(target: Target | None) -> str | None:
+    """"vnni", "avx-vnni", "avx2", "sdot" or None: the int8 instruction this rule tensorizes with.
+
+    From the target's vector ISA (its features, never its CPU name): AVX512-VNNI, AVX-VNNI,
+    AVX2, or AArch64 dotprod (which every i8mm core also has)."""
     if target is None or target.kind.name != "llvm":
         return None
-    isa = base.vector_isa(target)
-    if isa.int8_dot == "vnni-512":
-        return "vnni"
-    return "sdot" if "dotprod" in isa.features else None
+    return _INSTRUCTIONS.get(base.vector_isa(target).int8_dot)
+
+
+def weight_fits(w: np.ndarray, instruction: str) -> bool:
+    """Whether the kernel for ``instruction`` computes ``x . w`` exactly for these weights:
+    the AVX2 sign trick negates weights, and -128 has no int8 negation."""
+    return instruction != "avx2" or int(w.min(initial=0)) >= -127
 
 
 # ------------------------------------------------------------------ compile-time packing
@@ -95,15 +125,15 @@ def pack_weight(w: np.ndarray) -> np.ndarray:
 
 def shift_correction(w: np.ndarray, instruction: str) -> np.ndarray:
     """int32 per output channel to add to the accumulator: -128 * sum_k W (VNNI's u8 shift)."""
-    if instruction != "vnni":
+    if instruction not in _UNSIGNED_ACTIVATION:
         return np.zeros(w.shape[0], dtype="int32")
     total = w.reshape(w.shape[0], -1).astype("int64").sum(axis=1)
     return (-128 * total).astype("int32")
 
 
 def _packed_activation(value, instruction: str):
-    """An int8 activation element as the dot operand: u8 (s8 + 128) for VNNI, s8 for sdot."""
-    if instruction == "vnni":
+    """An int8 activation element as the dot operand: u8 (s8 + 128) for vpdpbusd, else s8."""
+    if instruction in _UNSIGNED_ACTIVATION:
         return (value.astype("int32") + 128).astype("uint8")
     return value
 
@@ -209,7 +239,7 @@ def _int8_rules(instruction: str) -> list[Rewrite]:
     def conv2d_match(site: CallSite):
         ops = _int8_operands(site) if site.is_call_to(_CONV2D) else None
         attrs = site.call.attrs
-        if ops is None or int(attrs.groups) != 1:
+        if ops is None or int(attrs.groups) != 1 or not weight_fits(ops[1], instruction):
             return None
         if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NCHW", "OIHW", "NCHW"):
             return None
@@ -230,7 +260,7 @@ def _int8_rules(instruction: str) -> list[Rewrite]:
 
     def dense_match(site: CallSite):
         ops = _int8_operands(site) if site.is_call_to(_MATMUL) else None
-        if ops is None:
+        if ops is None or not weight_fits(ops[1], instruction):
             return None
         x, w = ops
         if w.ndim != 2 or len(static_shape(x.ty)) < 2:
@@ -330,6 +360,8 @@ def _intrinsic(instruction: str) -> tuple[str, int]:
             _register_vnni_bytes_intrin()
             return VNNI_BYTES_INTRIN, 16
         return _tensor_intrin_module("x86").VNNI_DOT_16x4_INTRIN, 16
+    if instruction in ("avx-vnni", "avx2"):
+        return ymm_intrinsic(instruction), LANES[instruction]
     _tensor_intrin_module("dot_product_common")
     ARM_DOT_4x4_i8_SDOT_INTRIN = _tensor_intrin_module("arm_cpu").ARM_DOT_4x4_i8_SDOT_INTRIN
 
@@ -337,7 +369,8 @@ def _intrinsic(instruction: str) -> tuple[str, int]:
 
 
 def _tensorize_inner(sch, acc, fi_loop, rci_loop, instruction: str) -> None:
-    """Tensorize the (16 channels x 4) innermost step; sdot covers it in four 4x4 pieces."""
+    """Tensorize the (16 channels x 4) innermost step; narrower instructions cover it in
+    16 / lanes pieces (ymm: two 8x4, sdot: four 4x4)."""
     intrin, lanes = _intrinsic(instruction)
     if lanes == BLOCK_F:
         sch.tensorize(fi_loop, intrin)
