@@ -67,7 +67,7 @@ def test_generator_covers_the_op_mix():
     kinds = collections.Counter(op.kind for s in range(GRAPHS) for op in generate(s, max_ops=MAX_OPS).ops)
     required = {"conv2d", "linear", "matmul_self", "matmul_weight", "batchnorm", "layernorm", "softmax",
                 "attention", "concat", "split", "reshape", "flatten", "permute", "maxpool", "avgpool",
-                "dropout", "twice", "const_expr"}
+                "dropout", "twice", "const_expr", "fill_mask"}
     assert required <= set(kinds), f"never generated: {required - set(kinds)}"
     assert any(k in kinds for k in UNARY) and any(k in kinds for k in BINARY)
     convs = [op for s in range(GRAPHS) for op in generate(s, max_ops=MAX_OPS).ops if op.kind == "conv2d"]

@@ -6,8 +6,8 @@ vocabulary: ``UNARY`` and ``BINARY`` elementwise ops, layers (conv2d incl. group
 depthwise, batchnorm, linear, layernorm, multi-head attention), matmuls, pooling,
 reductions, softmax, concat/split, reshape/flatten/permute/transpose, and patterns the
 passes look for (eval dropout and other no-ops, the same op twice, buffer-only arithmetic),
-and ``INPUT_FREE`` values computed from no tensor at all (``arange``), as transformers build
-position ids and attention masks: the backend computes those while it builds.
+and ``INPUT_FREE`` values computed from no tensor's values (``arange``, fills of ``x.new_zeros``),
+as transformers build position ids and attention masks: the backend computes those while it builds.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ UNARY = ("relu", "gelu", "sigmoid", "tanh", "silu", "hardswish", "leaky_relu", "
 BINARY = ("add", "sub", "mul", "maximum", "minimum")
 NOOPS = ("dropout", "mul_one", "add_zero", "same_reshape", "contiguous")
 # Ops mixing ``x`` with a value built from ``arange`` alone (a ramp, a mask, a banded
-# attention mask): computed from no input, they never belong in a kernel.
-INPUT_FREE = ("arange_add", "arange_where", "masked_sdpa")
+# attention mask) or from ``x``'s shape alone (regions filled into ``x.new_zeros``, as swin
+# builds its window mask): computed from no input's values, they never belong in a kernel.
+INPUT_FREE = ("arange_add", "arange_where", "masked_sdpa", "fill_mask")
 
 
 class FuzzModel(torch.nn.Module):
@@ -139,6 +140,11 @@ def _apply(op: Op, xs: list[torch.Tensor], layer: Any) -> tuple[torch.Tensor, ..
         return (x + torch.arange(x.shape[-1], dtype=x.dtype) * p["c"],)
     if k == "arange_where":  # a mask over the last dim from a comparison of arange
         return (torch.where(torch.arange(x.shape[-1]) >= p["start"], x, x * 0.5),)
+    if k == "fill_mask":  # regions numbered by in-place fills, then a mask used twice (its own kernel)
+        regions = x.new_zeros(x.shape[-1])
+        regions[p["start"]:] = 1.0
+        mask = (regions * 2.0 - 1.0).abs() * -100.0
+        return (x * (mask + 1.0) + mask,)
     if k == "masked_sdpa":  # single-head attention under a banded boolean mask, as HF builds one
         b, s = x.shape[0], x.shape[1]
         pos = torch.arange(s)
