@@ -1,6 +1,6 @@
 """int8 vs fp32: artifact size, x86 latency and accuracy, against ONNX Runtime and eager.
 
-    TVM_NUM_THREADS=2 python benchmarks/bench_quantize.py [--models resnet18,digits_mlp] [--repeat 20]
+    TVM_NUM_THREADS=2 python benchmarks/bench_quantize.py [--models resnet18,digits_mlp] [--target x86-avx2]
 
 For each model: ours fp32 (``fold,fuse``, the default pipeline), ours int8
 (``fold,quantize{mode=int8},fuse``, or ``mode=dynamic`` for the transformer; both fused, so
@@ -105,7 +105,7 @@ def onnx_runs(model, x, calib, tmp):
     return runs
 
 
-def bench(name, repeat):
+def bench(name, repeat, target="x86"):
     model, calib, evaluation = setup(name)
     x = calib[0]
     int8_pipe = "fold,quantize{mode=dynamic},fuse" if name == "transformer" else "fold,quantize{mode=int8},fuse"
@@ -113,7 +113,7 @@ def bench(name, repeat):
     with tempfile.TemporaryDirectory() as tmp:
         ours = {}
         for label, pipe in (("ours fp32", "fold,fuse"), ("ours int8", int8_pipe)):
-            cm = graphopt.compile(model, "x86", (x,), pipe, calibration_data=calib)
+            cm = graphopt.compile(model, target, (x,), pipe, calibration_data=calib)
             cm.save(os.path.join(tmp, label.replace(" ", "_")))
             ours[label] = (lambda c: lambda t: c(np.asarray(t, dtype=np.float32)))(cm), \
                 dir_size(os.path.join(tmp, label.replace(" ", "_")))
@@ -132,12 +132,13 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="digits_mlp,digits_cnn,resnet18,mobilenet_v2,transformer")
     p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--target", default="x86", help="graphopt's target preset, e.g. x86-avx2")
     args = p.parse_args()
-    print(host_banner("x86"))
+    print(host_banner(args.target))
     print("| model | runtime | artifact MB | ms (median, batch 1) | speedup vs ours fp32 | quality |")
     print("|---|---|---|---|---|---|")
     for name in args.models.split(","):
-        for model, label, size, ms, speed, q in bench(name, args.repeat):
+        for model, label, size, ms, speed, q in bench(name, args.repeat, args.target):
             mb = f"{size / 1e6:.2f}" if size else "-"
             print(f"| {model} | {label} | {mb} | {ms:.3f} | {speed:.2f}x | {q} |", flush=True)
 
