@@ -104,7 +104,7 @@ class Sparsify(GraphPass):
                                   "calibration_data=... to graphopt.optimize/compile")
         pattern = self.sparsity_pattern
         weights, skipped = sparsifiable_weights(graph)
-        self._check_exclude(weights, skipped)
+        self._check_exclude(weights)
         chosen = []
         for w in weights:
             why = "excluded" if any(w.matches(p) for p in self.exclude) else \
@@ -115,21 +115,21 @@ class Sparsify(GraphPass):
                 chosen.append(w)
         scores = weight_scores(graph, chosen, self.criterion, data)
         masks = self._masks(chosen, scores, pattern)
-        entries = {}
+        entries, zeros, total = {}, 0, 0
         for w in chosen:
-            weight = getattr(graph.gm, w.name)
-            graph.set_constant(w.nodes[0].args[1], weight.detach().masked_fill(~masks[w.name], 0.0))
-            zeros = int((getattr(graph.gm, w.name) == 0).sum())
+            sparse = getattr(graph.gm, w.name).detach().masked_fill(~masks[w.name], 0.0)
+            graph.set_constant(w.nodes[0].args[1], sparse)
+            layer_zeros = int((sparse == 0).sum())
+            zeros, total = zeros + layer_zeros, total + sparse.numel()
             entries[w.name] = {"layer": w.layer, "op": w.op, **pattern.describe(),
-                               "sparsity": round(zeros / weight.numel(), 6), "criterion": self.criterion}
+                               "sparsity": round(layer_zeros / sparse.numel(), 6), "criterion": self.criterion}
         graph.annotations.setdefault("sparsity", {}).update(entries)
         graph.annotations["sparsity_skipped"] = skipped
         log.info("%s:\n%s", self, format_report(entries, skipped))
-        zeros = sum(int((getattr(graph.gm, w.name) == 0).sum()) for w in chosen)
         return PassResult(bool(chosen), {"layers": len(chosen), "layers_skipped": len(skipped), "zeros": zeros,
-                                         "weights": sum(getattr(graph.gm, w.name).numel() for w in chosen)})
+                                         "weights": total})
 
-    def _check_exclude(self, weights: list[SparseWeight], skipped: list[dict[str, str]]) -> None:
+    def _check_exclude(self, weights: list[SparseWeight]) -> None:
         for pattern in self.exclude:
             if not any(w.matches(pattern) for w in weights):
                 layers = ", ".join(sorted({w.layer for w in weights})) or "(none)"
