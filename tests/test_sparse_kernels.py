@@ -71,9 +71,9 @@ def test_the_layout_with_more_zero_blocks_is_chosen():
     assert choice.zero_share == pytest.approx(0.9, abs=0.01)
 
 
-@pytest.mark.parametrize("target", ["x86", "x86-avx2"])
-@pytest.mark.parametrize("layout", ["row", "column"])
-@pytest.mark.parametrize("rows", [1, 12])
+# each target with both layouts, and each layout with one row (a GEMV) and a tile of rows
+@pytest.mark.parametrize("target, layout, rows", [("x86", "row", 1), ("x86", "column", 12),
+                                                  ("x86-avx2", "row", 12), ("x86-avx2", "column", 1)])
 def test_block_sparse_linear_builds_to_the_sparse_kernel_and_matches_eager(target, layout, rows):
     from graphopt.targets.cpu.schedules import vector_isa
     from graphopt.targets.registry import resolve_target
@@ -116,12 +116,12 @@ def test_a_weight_with_too_few_zero_blocks_falls_back_with_its_reason_logged(cap
 
 
 def test_the_artifact_stores_only_the_kept_blocks(tmp_path):
-    x = torch.randn(1, 512)
+    x = torch.randn(1, 256)
     sizes = {}
     for share in (0.0, 0.9):
-        model = mlp((1, 16), share, widths=(512, 1024, 256))
+        model = mlp((1, 16), share, widths=(256, 512, 128))
         sizes[share] = _dir_size(graphopt.compile(model, "x86", (x,)).save(str(tmp_path / f"s{share}")))
-    weights = 4 * (512 * 1024 + 1024 * 256)
+    weights = 4 * (256 * 512 + 512 * 128)
     assert sizes[0.0] > weights
     # 10% of the weights stay, plus one int32 column per kept 16-float block
-    assert sizes[0.9] < sizes[0.0] - 0.85 * weights, sizes
+    assert sizes[0.0] - sizes[0.9] > 0.8 * weights, sizes

@@ -221,7 +221,10 @@ class SparseLinear(base.CPURule):
         macs = int(x.shape[0]) * int(values.shape[0]) * int(values.shape[1])
         cores = base.num_cores(target)
         if cores > 1 and macs >= _MIN_PARALLEL_MACS:
-            sch.parallel(weight_rows)
+            # one contiguous share of the weight rows per core, each a plain loop: the kept blocks
+            # differ per row, so finer tasks balance no better and cost a task each
+            share, _ = sch.split(weight_rows, [cores, None])
+            sch.parallel(share)
         lanes = base.simd_lanes(target)
         for block in [*pre, *post]:
             base.parallel_vectorize_injective(sch, block, lanes, cores)
