@@ -124,6 +124,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from graphopt.passes.prune.prune_pass import format_report
 
         print("\nchannel groups (prune):\n" + format_report(graph.annotations["prune_report"]))
+    if graph.annotations.get("sparsity"):
+        from graphopt.passes.sparsify.sparsify_pass import format_report as sparsity_report
+
+        print("\nsparse weights (sparsify):\n" + sparsity_report(graph.annotations["sparsity"],
+                                                                graph.annotations.get("sparsity_skipped", [])))
     if args.ir:
         print()
         print(graph)

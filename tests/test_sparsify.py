@@ -203,6 +203,17 @@ def test_verify_holds_the_sparse_graph_to_the_lossy_rung(convnet):
     assert "| sparsify{sparsity=0.9,pattern=block,block=1x16} | lossy |" in graph.annotations["verify"]
 
 
+def test_inspect_lists_the_sparse_and_the_dense_weights(tmp_path, capsys):
+    from graphopt.cli import main
+
+    assert main(["inspect", "digits_cnn", "--pipeline", "sparsify{pattern=2:4}",
+                 "--picture", str(tmp_path / "g.svg")]) == 0
+    printed = capsys.readouterr().out
+    assert "sparse weights (sparsify):" in printed
+    assert "p_fc1_weight                 fc1                  2:4               50.0%" in printed
+    assert "dense                    (1 inputs per output are not a multiple of M=4)" in printed
+
+
 # ----------------------------------------------------------------------------- options
 
 
