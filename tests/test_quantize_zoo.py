@@ -61,11 +61,12 @@ HF_ENCODERS = {
                        num_attention_heads=2, intermediate_size=128),
 }
 FAST = ["resnet18", "squeezenet1_1", "hf:bert", "hf:distilbert"]
-# Below cosine 0.99 with random weights (measured on a VNNI host, depthwise convs in float:
-# 0.965, 0.974, 0.892): their fake-quant graphs are as far from float, so the integer kernels
-# are not the cause; each is a deep stack that amplifies a perturbation of one quantization
-# step (two held-out samples of MobileNetV3 give fake-quant cosines 0.991 and 0.959).
-BELOW_0_99 = ["mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5"]
+# Below cosine 0.99 with random weights, and not because of int8: the float model itself
+# amplifies a perturbation of one int8 step. Eager float whose input carries uniform noise of
+# one step (range / 255) is at cosine 0.965 (ShuffleNetV2) and 0.951 (RegNetY) of clean eager
+# float on the held-out samples, and the int8 build, 0.958 and 0.955, is as far as its own
+# fake-quant graph (benchmarks/quantize_zoo.py prints the three columns side by side).
+BELOW_0_99 = ["efficientnet_b0", "shufflenet_v2_x0_5", "regnet_y_400mf"]
 # sizes and builder arguments where 64x64 is too small or not allowed
 _SIZE = {"inception_v3": 96, "maxvit_t": 224, "vit_h_14": 70}
 _KWARGS = {"vit_b_16": {"image_size": 64}, "vit_b_32": {"image_size": 64}, "vit_l_16": {"image_size": 64},
@@ -157,7 +158,7 @@ def test_static_int8_on_a_zoo_model_is_within_cosine_0_99_of_float(name):
 
 @pytest.mark.slow
 @pytest.mark.zoo
-@pytest.mark.xfail(reason="random-weight depthwise stacks amplify one-step rounding: cosine 0.89-0.97",
+@pytest.mark.xfail(reason="random-weight float models that amplify one step of input noise to cosine < 0.99",
                    strict=False)
 @pytest.mark.parametrize("name", BELOW_0_99)
 def test_static_int8_on_depthwise_stacks_is_within_cosine_0_99_of_float(name):
