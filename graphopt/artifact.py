@@ -52,6 +52,10 @@ def configure_tvm_threads() -> None:
     busy process on this 2-core machine, and 1.8 ms either way when the machine was quiet.
     ONNX Runtime and PyTorch's OpenMP do not pin by default either. Users who own the cores
     can still set TVM_BIND_THREADS=1.
+
+    Sharing (opt-in, GRAPHOPT_SHARE_TORCH_THREADS=1): kernels loaded from here on run their
+    parallel loops on torch's OpenMP threads (graphopt/threads.py), so torch ops and compiled
+    calls in one process do not spin against each other.
     """
     if "TVM_NUM_THREADS" not in os.environ:
         try:
@@ -60,6 +64,9 @@ def configure_tvm_threads() -> None:
             n = os.cpu_count() or 1
         os.environ["TVM_NUM_THREADS"] = str(n)
     os.environ.setdefault("TVM_BIND_THREADS", "0")
+    from graphopt.threads import share_torch_threads
+
+    share_torch_threads()
 
 
 def _vm_ready(t: Any) -> bool:
@@ -331,6 +338,7 @@ def load(path: str) -> CompiledModule:
     if kind == "cuda" and not tvm.cuda(0).exist:
         raise ArtifactError(f"artifact {path} was built for {target['name']} (CUDA) and this machine has no GPU")
     check_cpu_features(manifest, f"artifact {path}")
+    configure_tvm_threads()  # before the library is loaded: loading fills in its thread pool's entry points
     try:
         module = _load_library_copy(lib)
     except ArtifactError:
