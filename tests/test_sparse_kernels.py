@@ -98,6 +98,23 @@ def test_arm64_builds_use_four_lane_blocks(caplog):
     assert "90% of its 1x4 blocks are zero" in caplog.text
 
 
+@pytest.mark.emulated
+def test_sparse_mlp_for_arm64_runs_emulated_like_eager(aarch64_env, tmp_path):
+    from graphopt.targets.aarch64 import emulation
+
+    torch.manual_seed(0)  # one layer of each layout: 1x4 blocks, then 4x1
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(zero_blocks(model[0].weight, (1, 4), 0.9))
+        model[2].weight.copy_(zero_blocks(model[2].weight, (4, 1), 0.9))
+    x = torch.randn(3, 128)
+    assert kernel_rules(model, x, "arm64").count("SparseLinear") == 2
+    compiled = graphopt.compile(model, "arm64", (x,))
+    (out,) = emulation.run_artifact_emulated(compiled.save(str(tmp_path / "sparse-arm64")), [x.numpy()],
+                                             timeout=300, env=aarch64_env)
+    assert_matches_eager(torch.as_tensor(out), model, (x,))
+
+
 def test_a_dense_weight_keeps_the_dense_kernel(caplog):
     model, x = mlp(None, 0.0), torch.randn(1, 128)
     with caplog.at_level(logging.INFO, logger="graphopt.sparse"):
