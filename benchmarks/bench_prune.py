@@ -16,7 +16,11 @@ attention heads). Params and FLOPs are given as fractions of the unpruned model,
 measured by its own counter (graphopt: ``Graph.summary()``; Torch-Pruning:
 ``count_ops_and_params``) so that both ratios share their baseline's conventions. A row's
 status says whether the pruned model ran; ``groups`` counts channel groups pruned / kept
-whole (see ``graph.annotations["prune_report"]``).
+whole (see ``graph.annotations["prune_report"]``). Latency: every graph (unpruned, ours, and
+Torch-Pruning's pruned module, captured) is compiled by graphopt with ``fold,fuse`` for x86
+and timed at batch 1, the three builds taking turns (best of three medians): ``ms`` is the
+unpruned model's, ``ms x`` each pruned one's as a fraction of it. ``--no-latency`` leaves the
+three latency columns out (no builds).
 
     python benchmarks/bench_prune.py --zoo [--zoo-models shufflenet_v2_x0_5,...|all] [--ratios 0.3,0.5]
 """
@@ -80,7 +84,7 @@ def tp_zoo_prune(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> torch
     return model.eval()
 
 
-def zoo_rows(names: list[str], ratios: list[float]) -> list[list[object]]:
+def zoo_rows(names: list[str], ratios: list[float], latency: bool = True) -> list[list[object]]:
     import torch_pruning as tp
 
     from graphopt.zoo import zoo_model
@@ -91,6 +95,7 @@ def zoo_rows(names: list[str], ratios: list[float]) -> list[list[object]]:
         base = graphopt.capture(model, *inputs)
         b = base.summary()
         tp_macs, tp_params = tp.utils.count_ops_and_params(model, inputs[0])
+        base_build = _zoo_build(base) if latency else None
         for ratio in ratios:
             row = [name, ratio, f"{b.params / 1e6:.2f}M", f"{b.flops / 1e6:.0f}M"]
             try:
@@ -101,6 +106,7 @@ def zoo_rows(names: list[str], ratios: list[float]) -> list[list[object]]:
                 groups = f"{sum(r['status'] == 'pruned' for r in report)}/{sum(r['status'] == 'kept' for r in report)}"
                 row += [f"{s.params / b.params:.3f}", f"{s.flops / b.flops:.3f}", "ok", groups]
             except Exception as e:  # a failure is a row of the table, not the end of the run
+                pruned = None
                 row += ["", "", f"failed: {type(e).__name__}: {str(e)[:60]}", ""]
             try:
                 theirs = tp_zoo_prune(model, inputs[0], ratio)
@@ -109,10 +115,37 @@ def zoo_rows(names: list[str], ratios: list[float]) -> list[list[object]]:
                 macs, params = tp.utils.count_ops_and_params(theirs, inputs[0])
                 row += [f"{params / tp_params:.3f}", f"{macs / tp_macs:.3f}", "ok"]
             except Exception as e:
+                theirs = None
                 row += ["", "", f"failed: {type(e).__name__}: {str(e)[:60]}"]
+            if latency:
+                row += _zoo_latencies(base_build, pruned, theirs, inputs)
             rows.append(row)
             print("  " + " | ".join(str(v) for v in row), file=sys.stderr, flush=True)
     return rows
+
+
+def _zoo_build(graph: graphopt.Graph):
+    return graphopt.compile(graph, "x86", pipeline="fold,fuse")
+
+
+def _zoo_latencies(base_build, ours: graphopt.Graph | None, theirs: torch.nn.Module | None, inputs) -> list[str]:
+    """[unpruned ms, ours ms x, Torch-Pruning ms x]: every model compiled by graphopt, batch 1,
+    best of three interleaved medians; a pruned model that failed or does not build is blank."""
+    builds = {"base": base_build}
+    for label, pruned in (("ours", ours), ("theirs", theirs)):
+        if pruned is None:
+            continue
+        try:
+            graph = pruned if isinstance(pruned, graphopt.Graph) else graphopt.capture(pruned, *inputs)
+            builds[label] = _zoo_build(graph)
+        except Exception as e:  # a pruned model the backend rejects is a blank cell, not the end of the run
+            print(f"  {label}: build failed: {type(e).__name__}: {str(e)[:80]}", file=sys.stderr)
+    best = dict.fromkeys(builds, float("inf"))
+    for _ in range(3):
+        for label, c in builds.items():
+            best[label] = min(best[label], median_ms(lambda c=c: c(*inputs), runs=10, warmup=2, budget_s=10.0))
+    ms = best["base"]
+    return [f"{ms:.2f}"] + [f"{best[k] / ms:.3f}" if k in best else "" for k in ("ours", "theirs")]
 
 
 def latencies_ms(graphs: list[graphopt.Graph], x: torch.Tensor, rounds: int = 3) -> list[float]:
@@ -186,9 +219,10 @@ def main() -> None:
         names = torchvision_names() if args.zoo_models == "all" else args.zoo_models.split(",")
         print(host_banner())
         print("\n## pruning zoo: graphopt fold,prune vs Torch-Pruning (DepGraph + MagnitudePruner)\n")
-        rows = zoo_rows(names, [float(r) for r in args.ratios.split(",")])
+        rows = zoo_rows(names, [float(r) for r in args.ratios.split(",")], latency=not args.no_latency)
+        latency = [] if args.no_latency else ["ms", "ms x", "TP ms x"]
         print(table(["model", "ratio", "params", "FLOPs", "params x", "FLOPs x", "status", "groups pruned/kept",
-                     "TP params x", "TP FLOPs x", "TP status"], rows))
+                     "TP params x", "TP FLOPs x", "TP status", *latency], rows))
         return
     print(f"## prune ratio {args.ratio}: graphopt vs Torch-Pruning\n")
     rows = model_rows([m for m in args.models.split(",") if m], args.ratio, not args.no_latency)
