@@ -186,8 +186,11 @@ def _explore_data(spec: str, example):
 
 def cmd_explore(args: argparse.Namespace) -> int:
     from graphopt.exploration import explore
+    from graphopt.targets.tuning.options import RPC
     from graphopt.model_spec import load_model
 
+    if bool(args.rpc_key) != bool(args.tracker):
+        raise InputError("--rpc-key and --tracker go together (the device's key and the tracker's HOST:PORT)")
     model, inputs, name = load_model(args.model, args.input_shape)
     evaluation, train, pool = _explore_data(args.data, inputs[0])
     batch = inputs[0].shape[0]
@@ -195,7 +198,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
     result = explore(model, (evaluation[0][:batch],), args.target, evaluate=evaluation,
                      max_accuracy_drop=_parse_drop(args.max_drop), budget=args.budget,
                      train_data=train if args.finetune else None, calibration_data=calib,
-                     cache_dir=args.cache, report_dir=args.report)
+                     cache_dir=args.cache, report_dir=args.report,
+                     rpc=RPC(args.rpc_key, args.tracker) if args.rpc_key else None)
     print(result)
     if result.report:
         print(f"\nreport: {result.report}")
@@ -335,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the pruning candidates (they need training data for distillation)")
     p.add_argument("--cache", default=".graphopt-explore", help="candidate cache folder (resume)")
     p.add_argument("--report", default="explore_report", help="folder for report.md and plots")
+    p.add_argument("--rpc-key", metavar="KEY", help="measure the candidates on the RPC device registered under KEY")
+    p.add_argument("--tracker", metavar="HOST:PORT", help="the RPC tracker that knows --rpc-key")
     p.set_defaults(fn=cmd_explore)
 
     p = sub.add_parser("passes", help="list the passes and their options")

@@ -69,3 +69,70 @@ def test_explore_is_callable_from_the_top_level():
     import graphopt.exploration.search  # noqa: F401 - importing the package's modules must not shadow it
 
     assert graphopt.explore is explore and callable(graphopt.explore)
+
+
+def test_default_candidates_hold_int4_and_fine_tuned_sparsity_and_all_parse():
+    from graphopt.exploration.search import default_candidates
+    from graphopt.pipeline import Pipeline
+
+    without = {c.name: c for c in default_candidates(set(), "llvm", with_training=False)}
+    assert without["int4 g32"].pipeline == "fold,quantize{mode=int4,group=32},fuse"
+    assert not any(name.startswith("sparsify") for name in without)  # sparsity needs fine-tuning data
+    cands = {c.name: c for c in default_candidates(set(), "llvm", with_training=True)}
+    for s in ("0.5", "0.7", "0.9"):
+        assert cands[f"sparsify {s}"].before == f"fold,sparsify{{sparsity={s}}}" and cands[f"sparsify {s}"].finetune
+    assert cands["int4 g32 + finetune"].finetune
+    for c in cands.values():  # every pass of the search space is registered
+        for text in (c.before, c.after):
+            if text:
+                Pipeline.parse(text)
+
+
+def test_fine_tuned_int4_and_sparsity_candidates_build_and_keep_their_compression(digits):
+    from graphopt.passes.quantize.int4 import LINEAR_INT4
+
+    model, train, val, _, _ = digits
+    x = val[0][:1]
+    graph, module, finetune_s = build_candidate(model, (x,), "x86", Candidate(
+        "s", "fold,sparsify{sparsity=0.7}", "fuse", finetune=True), train, finetune_epochs=1)
+    weights = [graph.constant(n) for n in graph.nodes if n.op == "get_attr" and graph.constant(n).dim() == 2]
+    assert finetune_s > 0 and all(float((w == 0).float().mean()) >= 0.69 for w in weights)
+    graph, module, _ = build_candidate(model, (x,), "x86", Candidate(
+        "i", "fold,quantize{mode=int4,group=32}", "fuse", finetune=True), train, finetune_epochs=1)
+    assert sum(n.target is LINEAR_INT4 for n in graph.nodes) == 2
+    metric = make_metric(val)
+    assert metric(module) >= metric(lambda v: model(v)) - 0.02
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from graphopt.targets.tuning.remote import LoopbackCluster
+
+    with LoopbackCluster() as c:
+        c.add_host_server("x86-box")
+        c.wait_for("x86-box", timeout_s=60)
+        yield c
+
+
+def test_explore_measures_candidates_on_an_rpc_device(digits, cluster, tmp_path):
+    from graphopt.targets.tuning.options import RPC
+
+    model, _, val, _, _ = digits
+    cands = [Candidate("fused fp32", "fold,fuse"), Candidate("int4 g32", "fold,quantize{mode=int4,group=32},fuse")]
+    kwargs = dict(evaluate=val, candidates=cands, cache_dir=str(tmp_path / "cache"), progress=False)
+    remote = explore(model, (val[0][:1],), "x86", rpc=RPC("x86-box", cluster.address), **kwargs)
+    assert all(c.ok for c in remote.candidates), remote.table()
+    # the device runs the same artifact: the same accuracy as a local run of it
+    local = explore(model, (val[0][:1],), "x86", **dict(kwargs, cache_dir=str(tmp_path / "local")))
+    assert [c.accuracy for c in remote.candidates] == [c.accuracy for c in local.candidates]
+
+
+def test_explore_on_an_unknown_rpc_device_is_a_tuning_error(cluster, tmp_path):
+    from graphopt.errors import TuningError
+    from graphopt.targets.tuning.options import RPC
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(TuningError, match="no device with key 'rpi9'"):
+        explore(model, (x[:1],), "x86", evaluate=(x, y), rpc=RPC("rpi9", cluster.address),
+                candidates=[Candidate("fp32", "fold,fuse")], cache_dir=str(tmp_path), progress=False)

@@ -6,7 +6,8 @@ followed by distillation from the original model when training data is given)::
     fold,prune{ratio=0.5}  --finetune-->  fuse,quantize{mode=int8}
 
 For each candidate we optimize, (fine-tune), compile for the target, and measure the
-user's metric on the compiled module, its latency and its artifact size. Every finished
+user's metric on the compiled module, its latency and its artifact size: here, or with
+``rpc=RPC(key, "host:port")`` on the device registered under ``key`` (exploration/remote.py). Every finished
 candidate is written to a cache file keyed by model, inputs, target, pipeline and the data
 it was measured and built with (evaluation, calibration and training data, values
 included), so an interrupted search resumes where it stopped and a search on other data
@@ -101,7 +102,8 @@ class ExploreResult:
 
 
 def default_candidates(target_features: Iterable[str], kind: str, with_training: bool,
-                       prune_ratios: Sequence[float] = (0.25, 0.5)) -> list[Candidate]:
+                       prune_ratios: Sequence[float] = (0.25, 0.5),
+                       sparsities: Sequence[float] = (0.5, 0.7, 0.9)) -> list[Candidate]:
     """The standard search space; passes that are not registered are skipped by the runner."""
     feats = set(target_features)
     cands = [
@@ -112,6 +114,9 @@ def default_candidates(target_features: Iterable[str], kind: str, with_training:
         Candidate("int8 mixed", "fold,quantize{mode=int8,max_error=0.02},fuse"),
         # dynamic int8 builds unfused for now: its run-time scale tuple does not fit a fused kernel yet
         Candidate("int8 dynamic", "fold,quantize{mode=dynamic}"),
+        # weight-only int4 of linear layers: pays on memory-bound (batch-1) linears; convs mostly stay float
+        Candidate("int4 g32", "fold,quantize{mode=int4,group=32},fuse"),
+        Candidate("int4 g128", "fold,quantize{mode=int4,group=128},fuse"),
     ]
     if kind == "cuda" or "neon" in feats or "avx512_fp16" in feats:
         cands.append(Candidate("fp16", "fold,quantize{mode=fp16},fuse"))
@@ -123,6 +128,10 @@ def default_candidates(target_features: Iterable[str], kind: str, with_training:
         r = max(prune_ratios)
         cands.append(Candidate(f"prune {r:g} + int8", f"fold,prune{{ratio={r:g}}}", "quantize{mode=int8},fuse",
                                finetune=True))
+        # fine-tuning keeps the sparsity's zeros (graphopt.finetune) and trains int4's scales
+        for s in sparsities:
+            cands.append(Candidate(f"sparsify {s:g}", f"fold,sparsify{{sparsity={s:g}}}", "fuse", finetune=True))
+        cands.append(Candidate("int4 g32 + finetune", "fold,quantize{mode=int4,group=32}", "fuse", finetune=True))
     return cands
 
 
@@ -251,7 +260,8 @@ def _as_pair(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def run_candidate(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], target: Any, cand: Candidate,
                   metric: Callable, baseline: float, workdir: str, train_data: Any = None,
-                  calibration_data: Any = None, finetune_epochs: int = 3) -> CandidateResult:
+                  calibration_data: Any = None, finetune_epochs: int = 3, rpc: Any = None) -> CandidateResult:
+    """Build ``cand`` and measure it: accuracy and latency here, or on the RPC device ``rpc``."""
     res = CandidateResult(cand.name, cand.pipeline, cand.finetune, before=cand.before, after=cand.after)
     try:
         t0 = time.perf_counter()
@@ -260,9 +270,16 @@ def run_candidate(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], targ
         res.compile_s = time.perf_counter() - t0 - res.finetune_s
         path = module.save(os.path.join(workdir, "artifact"))
         res.size_bytes = _dir_size(path)
-        res.accuracy = float(metric(module))
+        if rpc is not None:
+            from graphopt.exploration.remote import RemoteModule
+
+            remote = RemoteModule(path, rpc)
+            res.accuracy = float(metric(remote))
+            res.latency_ms = remote.latency_ms(*inputs)
+        else:
+            res.accuracy = float(metric(module))
+            res.latency_ms = median_ms(lambda: module(*inputs), runs=20, warmup=1, budget_s=5.0)
         res.accuracy_drop = baseline - res.accuracy
-        res.latency_ms = median_ms(lambda: module(*inputs), runs=20, warmup=1, budget_s=5.0)
         res.pass_records = list(graph.annotations.get("pass_records", []))
         res.sensitivity = list(graph.annotations.get("quant_sensitivity", []))
     except (GraphoptError, RuntimeError, ValueError, TypeError) as e:
@@ -295,14 +312,15 @@ def explore(model: torch.nn.Module, example_inputs: Any, target: Any = "x86", ev
             max_accuracy_drop: float = 0.01, budget: float | None = None, train_data: Any = None,
             calibration_data: Any = None, candidates: Sequence[Candidate] | None = None,
             cache_dir: str = ".graphopt-explore", report_dir: str | None = None, finetune_epochs: int = 3,
-            progress: bool = True) -> ExploreResult:
+            progress: bool = True, rpc: Any = None) -> ExploreResult:
     """Try candidate pipelines on ``target`` and pick the fastest within the accuracy budget.
 
     ``evaluate`` is ``callable(module) -> accuracy`` or an ``(inputs, labels)`` pair;
     ``train_data`` (an iterable of (x, y) batches) enables pruning with distillation;
     ``calibration_data`` (an iterable of input batches) feeds static int8 (defaults to the
     example inputs); ``budget`` caps the search in seconds; ``report_dir`` writes a
-    Markdown report with plots.
+    Markdown report with plots; ``rpc`` (``RPC(key, "host:port")``, targets/tuning/options.py)
+    measures every candidate on that device instead of this machine (any target, e.g. arm64).
     """
     from graphopt.capture import normalize_inputs
     from graphopt.passes_base import registered_passes
@@ -313,6 +331,10 @@ def explore(model: torch.nn.Module, example_inputs: Any, target: Any = "x86", ev
         raise ValueError("explore needs evaluate=: a callable(module) -> accuracy or an (inputs, labels) pair")
     inputs = normalize_inputs(example_inputs)
     spec = resolve_target(target)
+    if rpc is not None:
+        from graphopt.targets.tuning.remote import check_device
+
+        check_device(rpc)  # no tracker, or no such device: a TuningError now, not one per candidate
     metric = make_metric(evaluate, batch=int(inputs[0].shape[0]) if inputs[0].dim() else 1)
     model = model.eval()
     baseline = float(metric(lambda *xs: model(*xs)))
@@ -323,7 +345,8 @@ def explore(model: torch.nn.Module, example_inputs: Any, target: Any = "x86", ev
     cands = list(candidates) if candidates is not None else default_candidates(
         spec.features, spec.kind, train_data is not None)
     known = registered_passes()
-    key_base = (f"{_fingerprint(model, inputs)}-{spec.name}-{json.dumps(spec.tvm, sort_keys=True)}-"
+    device = f"rpc:{rpc.key}@{rpc.tracker}" if rpc is not None else "local"
+    key_base = (f"{_fingerprint(model, inputs)}-{spec.name}-{json.dumps(spec.tvm, sort_keys=True)}-{device}-"
                 f"{_data_digest(evaluate)}-{_data_digest(calibration_data)}-{_data_digest(train_data)}")
     os.makedirs(cache_dir, exist_ok=True)
 
@@ -355,7 +378,7 @@ def explore(model: torch.nn.Module, example_inputs: Any, target: Any = "x86", ev
             continue
         workdir = os.path.join(cache_dir, key)
         res = run_candidate(model, inputs, spec, cand, metric, baseline, workdir, train_data, calibration_data,
-                            finetune_epochs)
+                            finetune_epochs, rpc)
         results.append(res)
         if res.ok:  # failures are retried next time; successes are kept
             tmp = cache_file + ".tmp"
