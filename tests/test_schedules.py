@@ -536,3 +536,28 @@ def test_matmul_rule_merges_broadcast_batch_into_rows():
     assert "T.unroll" in _script(func)
     panels = np.ascontiguousarray(w.reshape(32, 3, 16).transpose(1, 0, 2))  # the packed constant
     _assert_matches_reference(_run_func(func, [a, panels]), lambda a, w: a @ w, a, w)
+
+
+@pytest.mark.parametrize("target", X86_TARGETS)
+def test_nt_batch_matmul_packs_each_column_panel_once(target):
+    """Q @ K^T reads K[b, j, k]: each (batch, column tile) panel is copied transposed, K x tile,
+    once before the row tiles that read it (one parallel task per panel), so the tile's
+    vector loads over j are contiguous and the copy is not repeated per row tile."""
+    from tvm import te
+
+    from graphopt.targets.cpu.schedules.matmul import gemm_j_tile
+
+    batch, m, n, k = 8, 64, 64, 32
+    q = te.placeholder((batch, m, k), name="q")
+    kt = te.placeholder((batch, n, k), name="kt")
+    r = te.reduce_axis((0, k), name="r")
+    scores = te.compute((batch, m, n), lambda b, i, j: te.sum(q[b, i, r] * kt[b, j, r], axis=r), name="scores")
+    rule, func = schedule_primfunc(te.create_prim_func([q, kt, scores]), target)
+    assert rule == "Matmul"
+    text = _script(func)
+    panels = batch * n // gemm_j_tile(n, simd_lanes(target), m)
+    assert f"T.parallel({panels})" in text, text
+    assert f"kt_global = T.sblock_alloc_buffer(({batch}, {k}, {n}))" in text, text  # K x N: j innermost
+    a = rng.standard_normal((batch, m, k), dtype=np.float32)
+    b = rng.standard_normal((batch, n, k), dtype=np.float32)
+    _assert_matches_reference(_run_func(func, [a, b], target), lambda a, b: a @ b.transpose(0, 2, 1), a, b)

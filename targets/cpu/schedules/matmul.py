@@ -151,6 +151,25 @@ def is_gemm_block(block) -> bool:
             and ((reads(a, i) and reads(b, j)) or (reads(b, i) and reads(a, j))))
 
 
+def _product(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def _swap_axes(first: int, second: int):
+    """The index map exchanging two axes.  A closure over a plain ``*idx`` signature:
+    ``transform_layout`` binds one index variable to every parameter it sees, defaults included."""
+
+    def swap(*idx):
+        idx = list(idx)
+        idx[first], idx[second] = idx[second], idx[first]
+        return tuple(idx)
+
+    return swap
+
+
 def schedule_gemm_block(sch, main, target: Target, post=()):
     """Schedule one GEMM block in place (also used for matmuls inside bigger funcs)."""
     block = sch.get(main)
@@ -177,7 +196,7 @@ def schedule_gemm_block(sch, main, target: Target, post=()):
     ii = gemm_i_tile(m_ext, ji, lanes, max_acc)
 
     # "NT" operand (B[.., j, k], e.g. Q @ K^T): a vector over j would be a gather, so
-    # the (jtile x K) panel is repacked as (K x jtile) once per output tile.
+    # the (jtile x K) panel is repacked as (K x jtile) before the row tiles that read it.
     nt_operand = None
     for op in (a, b):
         idx = list(op.indices)
@@ -199,37 +218,40 @@ def schedule_gemm_block(sch, main, target: Target, post=()):
     sch.reorder(*batch, jo, io, k, iv_, jv)
     sch.unroll(iv_)
     sch.vectorize(jv)
-    outer = sch.fuse(*batch, jo, io)
     total = 1
     for e in exts:
         total *= e
-    if cores > 1 and total >= _MIN_PARALLEL_MACS:
+    parallel = cores > 1 and total >= _MIN_PARALLEL_MACS
+    repack = nt_operand is not None and len(nt_operand.indices) >= 2
+    # A repacked NT panel serves every row tile of its (batch, column tile): packed once per
+    # panel, the copy costs 1/M of the GEMM's loads; once per output tile, 1/ii (attention's
+    # Q @ K^T at K = 64: the scalar transposing copies took longer than the FMAs).  The
+    # panels alone must keep every core busy, else the rows are split across cores too.
+    panels = ((n_ext + ji - 1) // ji) * (1 if merge_batch else _product(exts[:-3]))
+    if repack and (not parallel or panels >= 2 * cores):
+        outer = sch.fuse(*batch, jo) if batch else jo
+        tile = io
+    else:
+        outer = tile = sch.fuse(*batch, jo, io)
+    if parallel:
         sch.parallel(outer)
-    if nt_operand is not None and len(nt_operand.indices) >= 2:
+    if repack:
         try:
             r_idx = next(n for n, r in enumerate(sch.get(main).reads) if r.source.same_as(nt_operand.source))
             pc = sch.cache_read(main, r_idx, "global")
             sch.compute_at(pc, outer)
-            nd = len(nt_operand.indices)
             jpos = next(n for n, e in enumerate(nt_operand.indices) if e.same_as(jvar))
             kpos = next(n for n, e in enumerate(nt_operand.indices) if e.same_as(kvar))
-
-            def _swap(*idx, jpos=jpos, kpos=kpos):
-                idx = list(idx)
-                idx[jpos], idx[kpos] = idx[kpos], idx[jpos]
-                return tuple(idx)
-
-            sch.transform_layout(pc, ("write", 0), _swap)
-            del nd
+            sch.transform_layout(pc, ("write", 0), _swap_axes(jpos, kpos))
         except Exception:  # noqa: BLE001 - keep the strided form, still correct
             pass
-    sch.reverse_compute_at(wb, outer, preserve_unit_loops=True)
+    sch.reverse_compute_at(wb, tile, preserve_unit_loops=True)
     left = base.fuse_epilogue(sch, wb, list(post))
     try:
         sch.vectorize(sch.get_loops(wb)[-1])
     except Exception:  # noqa: BLE001 - epilogue with a non-vectorizable access
         pass
     for b in left:
-        sch.reverse_compute_at(b, outer, preserve_unit_loops=True)
+        sch.reverse_compute_at(b, tile, preserve_unit_loops=True)
     sch.decompose_reduction(main, k)
     return outer
