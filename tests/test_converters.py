@@ -151,3 +151,20 @@ def test_index_copy_writes_slices_along_a_dim_and_checks_its_indices():
     compiled = graphopt.compile(IndexCopy().eval(), "x86", (cache, rows, at, one, one_at))
     with pytest.raises(IndexOutOfRangeError, match="index_copy"):
         compiled(cache, rows, torch.tensor([5, 8, 2]), one, one_at)
+
+
+class ScaledBySequenceLength(nn.Module):
+    def forward(self, x, ids):
+        n = x.shape[1]
+        return x * n, x / n, n - x, ids + n  # a size in tensor arithmetic, float and integer
+
+
+def test_a_dynamic_size_in_tensor_arithmetic_takes_the_tensors_dtype():
+    from torch.export import Dim
+
+    seq = Dim("seq", max=64)
+    model, x, ids = ScaledBySequenceLength().eval(), torch.randn(2, 9), torch.randint(0, 9, (2, 9))
+    compiled = graphopt.compile(model, "x86", (x, ids), dynamic_shapes=({1: seq}, {1: seq}))
+    for n in (3, 40):
+        x, ids = torch.randn(2, n), torch.randint(0, 9, (2, n))
+        assert_matches_eager(compiled(x, ids), model, (x, ids))

@@ -325,3 +325,30 @@ def linear_any_float(importer, node: fx.Node) -> relax.Expr:
         return importer.tvm_convert_map["linear.default"](node)
     bias = args[2] if len(args) > 2 else None
     return importer.block_builder.emit(relax.op.linear(args[0], args[1], bias, dtype))
+
+
+def _arithmetic_with_sizes(importer, node: fx.Node, op_name: str) -> relax.Expr:
+    """``x * seq``: a symbolic size as an operand of tensor arithmetic (a scale by the sequence
+    length) enters as a 0-d tensor of the result's dtype; the importer passes it on as an int64
+    scalar, which Relax refuses next to a float tensor."""
+    import torch
+
+    sizes = [a for a in node.args if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.SymInt)]
+    val = node.meta.get("val")
+    if not sizes or not isinstance(val, torch.Tensor):
+        return importer.tvm_convert_map[op_name](node)
+    bb = importer.block_builder
+    dtype = str(val.dtype).removeprefix("torch.")
+    saved = {a: importer.env[a] for a in sizes}
+    for a in sizes:
+        shape = relax.ShapeExpr([importer.env[a]])
+        as_tensor = bb.emit(relax.op.reshape(bb.emit(relax.op.shape_to_tensor(shape)), []))
+        importer.env[a] = bb.emit(relax.op.astype(as_tensor, dtype))
+    try:
+        return importer.tvm_convert_map[op_name](node)
+    finally:
+        importer.env.update(saved)
+
+
+for _name in ("add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor", "rsub.Scalar", "rsub.Tensor"):
+    register_converter(_name, fixes_importer=True)(functools.partial(_arithmetic_with_sizes, op_name=_name))
