@@ -292,6 +292,36 @@ def register_tile(ext: int, lanes: int, narrowest: int) -> int:
     return 0
 
 
+# Independent accumulators a core needs in flight to keep its FMA units busy: two FMA pipes
+# x 4 cycles of latency (x86 cores since Haswell, big AArch64 cores).
+FMA_CHAINS = 8
+
+
+def _outer_product_score(count: int, vecs: int) -> float:
+    """FMAs per load of one reduction step of a ``count`` broadcasts x ``vecs`` vectors tile,
+    scaled down when its accumulators are too few to hide the FMA latency."""
+    accumulators = count * vecs
+    return accumulators / (count + vecs) * min(1.0, accumulators / FMA_CHAINS)
+
+
+def outer_product_tile(ext: int, width: int, lanes: int, max_acc: int) -> tuple[int, int]:
+    """(vector lanes, broadcast count) of an outer-product register tile: ``width`` lanes of
+    vectors (from ``register_tile``) times a count of broadcast scalars that divides ``ext``.
+
+    The count is as large as the accumulator budget allows; a 2-vector width halves it, and
+    when ``ext`` has no divisor near that the tile collapses: with AVX2's 12 accumulators a
+    7-wide row takes 1 pixel x 2 vectors (2 accumulators, latency-bound), where 1 vector x 7
+    pixels keeps the FMA pipes busy.  The width narrows to one vector only when that scores
+    strictly better, so 32-register targets keep their 2-vector tiles."""
+    def count(w):
+        return largest_divisor(ext, max(max_acc // max(-(-w // lanes), 1), 1)) or 1
+
+    best = (width, count(width))
+    if width == 2 * lanes and _outer_product_score(count(lanes), 1) > _outer_product_score(best[1], 2):
+        best = (lanes, count(lanes))
+    return best
+
+
 def output_blocks(sch: s_tir.Schedule) -> set:
     root = sch.get_sblock("root")
     return {sch.get(b).name_hint for b in sch.get_output_blocks(root)}

@@ -11,6 +11,8 @@ Design (the micro-kernel of oneDNN / TOPI's conv2d_NCHWc, without repacking acti
   accumulators that stay in registers for the whole reduction: RN*FI/lanes at most the
   target's accumulator budget (``VectorISA.accumulators``: 24 of AVX-512's or NEON's 32
   registers, 12 of AVX2's 16), so accumulators, weight vectors and broadcast all fit.
+  RN divides the row; where a 2-vector tile would leave too few pixels to hide the FMA
+  latency (7- and 14-wide rows on AVX2), FI is one vector (``base.outer_product_tile``).
 * The accumulator is a ``cache_write`` buffer re-laid out as (n, y, x, f) so its fast
   axis is the vectorized one; the copy back to NCHW carries the fused epilogue (BN
   affine, bias, relu, residual add, clip) by ``reverse_compute_inline``.
@@ -265,9 +267,9 @@ def channel_vectorized_tile(shape: ConvShape, lanes: int, cores: int, max_acc: i
     fi = channel_tile_width(shape, lanes, cores)
     if blocked_out and fi % lanes:
         return None  # a part-vector tile would not store whole blocks
-    f_vecs = max(-(-fi // lanes), 1)  # ceil: a 24-wide tile is 16 + 8 lanes = 2 registers
-    # Width tile: as many pixels as accumulator registers allow.
-    rn = base.largest_divisor(shape.x, max(max_acc // f_vecs, 1)) or 1
+    # Width tile: as many pixels of a row as accumulator registers allow (ceil: a 24-wide
+    # channel tile is 16 + 8 lanes = 2 registers); on a short row, maybe 1 vector of channels.
+    fi, rn = base.outer_product_tile(shape.x, fi, lanes, max_acc)
     per_f_tile = parallel_over_f_tiles(shape, fi, cores)
     return ChannelTile(fi, rn, per_f_tile, streamed_chunk(shape, fi, per_f_tile, hwio), hwio, blocked_out)
 

@@ -287,8 +287,7 @@ def _schedule_gemm(sch, gemm, lanes, cores, max_acc):
     _, e1, e2, p, k, rc = sch.get_loops(gemm)
     k_ext = base.loop_extent(sch, k)
     p_ext = base.loop_extent(sch, p)
-    ki = 2 * lanes if k_ext % (2 * lanes) == 0 else lanes
-    rp = base.largest_divisor(p_ext, max(max_acc // (ki // lanes), 1)) or 1
+    ki, rp = base.outer_product_tile(p_ext, 2 * lanes if k_ext % (2 * lanes) == 0 else lanes, lanes, max_acc)
     acc = sch.cache_write(gemm, 0, "local")
     ko, kv = sch.split(k, [None, ki])
     po, pi = sch.split(p, [None, rp])
