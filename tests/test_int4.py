@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import graphopt
 from graphopt.errors import PipelineError
-from graphopt.models import accuracy, digits_mlp, load_digits_split, train_digits
+from graphopt.models import accuracy, digits_cnn, digits_mlp, load_digits_split, train_digits
 from graphopt.passes.quantize.int4 import LINEAR_INT4, dequantize_int4, pack_int4, quantize_int4, unpack_int4
 from graphopt.testing import assert_close, sqnr_db
 
@@ -110,6 +110,36 @@ def test_1x1_convs_over_a_1x1_image_become_int4_linears_and_other_convs_say_why_
     assert sqnr_db(model(x).detach(), graph(x)[0]) > 15.0
     compiled = graphopt.compile(graph, "x86", (x,), pipeline="fuse")
     assert_close(compiled(x), graph(x)[0], "algebraic")
+
+
+@pytest.mark.parametrize("group,in_features", [(32, 96), (128, 67)])
+def test_int4_gradient_reaches_input_scales_and_bias_like_the_dequantized_linear(group, in_features):
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(24, in_features, generator=g), torch.randn(2, 3, in_features, generator=g)
+    bias, grad = torch.randn(24, generator=g), torch.randn(2, 3, 24, generator=g)
+    q, scales = quantize_int4(w, group)
+    ours = [t.clone().requires_grad_() for t in (x, scales, bias)]
+    torch.ops.graphopt.linear_int4(ours[0], pack_int4(q), ours[1], group, ours[2]).backward(grad)
+    ref = [t.clone().requires_grad_() for t in (x, scales, bias)]
+    weight = q.float() * ref[1].repeat_interleave(group, dim=1)[:, :in_features]
+    nn.functional.linear(ref[0], weight, ref[2]).backward(grad)
+    for name, a, b in zip(("input", "scales", "bias"), ours, ref):
+        assert_close(a.grad, b.grad, "algebraic", what=f"gradient of the {name}")
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_digits_at_int4_fine_tuned_stay_within_a_point_of_fp32(name):
+    model, fp32_acc = train_digits(digits_cnn() if name == "cnn" else digits_mlp(), epochs=15)
+    xtr, ytr, xte, yte = load_digits_split(image=name == "cnn")
+    graph = graphopt.optimize(model, (xte[:64],), "fold,quantize{mode=int4,group=128}",
+                              dynamic_shapes=({0: torch.export.Dim("batch")},))
+    (packed_node, scales_node) = _linear_int4_nodes(graph)[0].args[1:3]
+    packed, scales = graph.constant(packed_node).clone(), graph.constant(scales_node).clone()
+    graphopt.finetune(graph, (xtr, ytr), teacher=model, epochs=1, batch_size=64, progress=False)
+    assert torch.equal(graph.constant(packed_node), packed)  # the int4 codes stay,
+    assert not torch.equal(graph.constant(scales_node), scales)  # their scales learn
+    int4_acc = accuracy(graph, xte, yte)
+    assert int4_acc >= fp32_acc - 0.01, (int4_acc, fp32_acc)
 
 
 def test_group_must_be_one_of_the_supported_sizes():

@@ -25,7 +25,8 @@ a k x k conv as im2col adds the patch copy on top).
 The op is a ``torch.library`` custom op whose CPU implementation unpacks, dequantizes and
 calls ``linear``: the graph still runs eagerly and is the numerical reference of the TVM
 kernel (targets/frontend/quantized_int4.py), which unpacks in registers and never materializes the
-float weight.
+float weight. Its gradient reaches the input, the scales and the bias, so ``graphopt.finetune``
+trains an int4 graph as it will run: the codes stay, the scales learn.
 """
 
 from __future__ import annotations
@@ -93,6 +94,36 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, gro
 def _linear_int4_shape(x, packed, scales, group, bias=None):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
+
+def _save_for_backward(ctx, inputs, output):
+    x, packed, scales, group, bias = inputs
+    ctx.save_for_backward(x, packed, scales)
+    ctx.group, ctx.has_bias = group, bias is not None
+
+
+def _linear_int4_backward(ctx, grad):
+    """Gradients for the input, the scales and the bias; the int4 codes are fixed integers.
+
+    With ``w[o, k] = q[o, k] * s[o, k // group]``: ``dL/ds[o, g] = sum_{k in g} dL/dw[o, k] * q[o, k]``.
+    Fine-tuning an int4 graph (graphopt.finetune) therefore trains exactly what the kernel
+    runs: the per-group scales, the biases and the layers left in float."""
+    x, packed, scales = ctx.saved_tensors
+    group, in_features, out_features = ctx.group, x.shape[-1], packed.shape[0]
+    q = unpack_int4(packed, in_features).float()
+    grad_x = grad_scales = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad @ (q * scales.repeat_interleave(group, dim=1)[:, :in_features])
+    if ctx.needs_input_grad[2]:
+        grad_w = grad.reshape(-1, out_features).t() @ x.reshape(-1, in_features)
+        per_weight = torch.zeros(out_features, scales.shape[1] * group, dtype=grad_w.dtype)
+        per_weight[:, :in_features] = grad_w * q
+        grad_scales = per_weight.view(out_features, -1, group).sum(2)
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        grad_bias = grad.reshape(-1, out_features).sum(0)
+    return grad_x, None, grad_scales, None, grad_bias
+
+
+linear_int4.register_autograd(_linear_int4_backward, setup_context=_save_for_backward)
 
 LINEAR_INT4 = torch.ops.graphopt.linear_int4.default
 
