@@ -79,6 +79,7 @@ typedef struct {
   FTVMParallelLambda flambda;
   void* cdata;
   int num_task;
+  int failed;
   void* error;  /* the first task error, owned */
 } Region;
 
@@ -90,16 +91,15 @@ static void run_tasks(void* data) {
   for (int task = omp_get_thread_num(); task < r->num_task; task += team) {
     if (r->flambda(task, &env, r->cdata) != 0) {
       void* error = 0;
+      __atomic_store_n(&r->failed, 1, __ATOMIC_RELAXED);
       error_move_from_raised(&error);
-      if (!error) continue;
-      if (__sync_bool_compare_and_swap(&r->error, (void*)0, error)) continue;
-      object_dec_ref(error);
+      if (error && !__sync_bool_compare_and_swap(&r->error, (void*)0, error)) object_dec_ref(error);
     }
   }
 }
 
 int graphopt_parallel_launch(FTVMParallelLambda flambda, void* cdata, int num_task) {
-  Region r = {flambda, cdata, num_task > 0 ? num_task : num_threads, 0};
+  Region r = {flambda, cdata, num_task > 0 ? num_task : num_threads, 0, 0};
   __atomic_fetch_add(&graphopt_launches, 1, __ATOMIC_RELAXED);
   if (r.num_task == 1) {
     TVMParallelGroupEnv env = {0, 1};
@@ -109,11 +109,12 @@ int graphopt_parallel_launch(FTVMParallelLambda flambda, void* cdata, int num_ta
   if (r.error) {
     error_set_raised(r.error);
     object_dec_ref(r.error);
-    return -1;
   }
-  return 0;
+  return r.failed ? -1 : 0;
 }
 
+/* the team's barrier: right where the team has one thread per task, as every region started above
+   has unless OpenMP gave it fewer threads (a nested region) */
 int graphopt_parallel_barrier(int task_id, TVMParallelGroupEnv* penv) {
   (void)task_id; (void)penv;
   gomp_barrier();
