@@ -1,8 +1,12 @@
-"""Shared fixtures. TVM uses every core (2 here); torch too, so timings are comparable."""
+"""Shared fixtures. TVM and torch share the cores: every core (2 here) in a serial run; under
+pytest-xdist (.ci/run: ``-n auto``) the cores are split between the workers, but never below 2
+threads, so that parallel kernels and the thread-pool tests still have two threads to run."""
 
 import os
 
-os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(2, len(os.sched_getaffinity(0)) // _WORKERS)
+os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))
 # a schedule rule that raises fails the test (a build would warn and use the next rule)
 os.environ.setdefault("GRAPHOPT_STRICT_RULES", "1")
 
@@ -10,6 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.manual_seed(0)
+torch.set_num_threads(min(torch.get_num_threads(), THREADS))
 
 
 #: CI (``CI=true``, as GitHub Actions and .ci/run set it) provides every tool a test needs, so there a missing
