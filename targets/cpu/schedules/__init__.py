@@ -8,6 +8,7 @@ per op family, applied to every not-yet-scheduled PrimFunc by ``cpu_schedule_pas
 rule                   handles
 =====================  ===========================================================
 SparseLinear           linear with a block-sparse constant weight (BSR, kept blocks only)
+SparseNMLinear         linear with an N:M-sparse constant weight (kept values + 1-byte positions)
 Int8DotProduct         int8 conv2d / dense tensorized with vpdpbusd, vpmaddubsw or AArch64 sdot
 WinogradConv2d         3x3 stride-1 conv as Winograd F(4x4|2x2, 3x3) + fused epilogue
 ConvThenDepthwise      a conv and the depthwise conv it feeds, merged into one kernel

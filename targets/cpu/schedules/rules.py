@@ -32,6 +32,7 @@ from .matmul import Matmul
 from .pooling import Pooling
 from .reduction import RowReduction
 from .sparse_linear import SparseLinear
+from .sparse_nm import SparseNMLinear
 from .winograd import WinogradConv2d
 
 RULE_ATTR = "graphopt.rule"
@@ -39,6 +40,7 @@ STRICT_ENV = "GRAPHOPT_STRICT_RULES"
 
 RULES: list[CPURule] = [
     SparseLinear(),
+    SparseNMLinear(),
     Int4Linear(),
     Int8DotProduct(),
     WinogradConv2d(),

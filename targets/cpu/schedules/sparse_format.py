@@ -157,3 +157,106 @@ def choose(w: np.ndarray, rows: int, lanes: int) -> tuple[SparseChoice, BSRWeigh
     if 1.0 - zero_share > choice.max_kept:
         return choice, None
     return SparseChoice(shape, rows, block, zero_share, True), to_bsr(w, block)
+
+
+# --------------------------------------------------------------------------- N:M weights
+#
+# A weight is N:M when each output row's every M consecutive inputs hold at most N nonzeros
+# (2:4 is the ``sparsify`` pass's ``pattern=2:4``). It is stored packed: each group's N kept
+# values, ``(out, in * N / M)`` floats, and each one's position in its group as a ``uint8``,
+# a quarter of a float. The kernel (sparse_nm.py) picks each kept value's input among its
+# group's M with M - 1 vector selects, so it looks for M of 4 and 8 only.
+NM_GROUPS = (4, 8)
+# The N:M kernel wins over the dense one for a matrix-vector product (one row: the FFN
+# 256-2048-256 on one thread, 1.6-2.3x at 2:4) and loses from a few rows on (4 rows: 0.75x,
+# 128 rows: 0.8x; the dense GEMM reuses each weight load across its rows, the N:M kernel
+# redoes its selects per row), measured with benchmarks/bench_sparse.py (docs/PERFORMANCE.md).
+NM_MAX_ROWS = 1
+NM_MAX_KEPT = 0.5  # N:M patterns keeping more than half the weights are left dense
+
+
+@dataclass(frozen=True)
+class NMWeight:
+    """A ``(out_features, in_features)`` weight as ``n`` kept values per ``m`` inputs:
+    ``values[o, g * n + j]`` is at input ``g * m + positions[o, g * n + j]`` of output ``o``."""
+
+    shape: tuple[int, int]
+    n: int
+    m: int
+    values: np.ndarray  # (out, in * n / m) float32
+    positions: np.ndarray  # (out, in * n / m) uint8
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.positions.nbytes
+
+    def dense(self) -> np.ndarray:
+        """The ``(out_features, in_features)`` weight back (tests)."""
+        out_f, in_f = self.shape
+        groups = in_f // self.m
+        dense = np.zeros((out_f, groups, self.m), dtype=self.values.dtype)
+        np.put_along_axis(dense, self.positions.reshape(out_f, groups, self.n).astype(np.int64),
+                          self.values.reshape(out_f, groups, self.n), axis=-1)
+        return dense.reshape(self.shape)
+
+
+def nm_structure(w: np.ndarray) -> tuple[int, int] | None:
+    """``(n, m)`` with the smallest kept share ``n / m`` (then the smallest ``m``, of NM_GROUPS)
+    such that every ``m`` consecutive inputs of each row of ``w`` hold at most ``n`` nonzeros
+    and ``n / m <= NM_MAX_KEPT``; None when there is none."""
+    best = None
+    for m in NM_GROUPS:
+        if w.shape[1] % m:
+            continue
+        n = max(int((w.reshape(w.shape[0], -1, m) != 0).sum(axis=-1).max()), 1)
+        if n / m <= NM_MAX_KEPT and (best is None or n / m < best[0] / best[1]):
+            best = (n, m)
+    return best
+
+
+def to_nm(w: np.ndarray, n: int, m: int) -> NMWeight:
+    """``w`` (out, in) packed as ``n`` of every ``m`` inputs (each group's nonzeros, in input
+    order, then zeros to make ``n``)."""
+    out_f, in_f = w.shape
+    groups = w.reshape(out_f, in_f // m, m)
+    # a stable sort of "is zero" puts each group's nonzeros first, in input order
+    order = np.argsort(groups == 0, axis=-1, kind="stable")[..., :n]
+    order.sort(axis=-1)
+    values = np.take_along_axis(groups, order, axis=-1)
+    return NMWeight((int(out_f), int(in_f)), n, m, np.ascontiguousarray(values.reshape(out_f, -1)),
+                    np.ascontiguousarray(order.reshape(out_f, -1).astype(np.uint8)))
+
+
+@dataclass(frozen=True)
+class NMChoice:
+    """What the build does with one N:M constant linear weight, and why (the build log's line)."""
+
+    shape: tuple[int, int]
+    rows: int
+    n: int
+    m: int
+    lanes: int
+
+    @property
+    def sparse(self) -> bool:
+        return self.rows <= NM_MAX_ROWS and self.shape[0] % self.lanes == 0
+
+    def reason(self) -> str:
+        out_f, in_f = self.shape
+        what = f"linear {in_f}->{out_f} ({self.rows} row{'s' if self.rows != 1 else ''}), {self.n}:{self.m} sparse"
+        if self.sparse:
+            return f"{what}: N:M-sparse kernel"
+        if self.rows > NM_MAX_ROWS:
+            return (f"{what}: dense kernel; the N:M kernel wins only up to {NM_MAX_ROWS} row"
+                    f"{'s' if NM_MAX_ROWS != 1 else ''} (the dense GEMM reuses each weight load across rows)")
+        return f"{what}: dense kernel, the {out_f} outputs are not a whole number of {self.lanes}-lane vectors"
+
+
+def choose_nm(w: np.ndarray, rows: int, lanes: int) -> tuple[NMChoice | None, NMWeight | None]:
+    """The N:M choice for the ``(out, in)`` weight ``w`` (None when it is not N:M, nm_structure)
+    and its packed form when the N:M kernel is chosen."""
+    structure = nm_structure(w)
+    if structure is None:
+        return None, None
+    choice = NMChoice((int(w.shape[0]), int(w.shape[1])), rows, *structure, lanes)
+    return choice, (to_nm(w, *structure) if choice.sparse else None)

@@ -21,6 +21,9 @@ which TensorIR cannot express as a block iterator; so the kernel is written as o
 (row tile, block row) whose body holds the vector loops, annotated with ``SPARSE_BLOCK_ATTR``,
 and the rule ``SparseLinear`` orders and parallelizes the block's loops (weight rows outer,
 so a row's blocks stay in L1 across the row tiles) and schedules the fused epilogue.
+
+A weight with few all-zero blocks but N:M structure (2:4) goes to the N:M kernel instead
+(sparse_nm.py), where sparse_format.py's cost rule says it wins.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from graphopt.rewrite import Rewrite
 
 from . import base
 from .layout import CallSite, _constant_weight, call_rewrite_pass, static_shape
-from .sparse_format import BSRWeight, choose
+from .sparse_format import BSRWeight, NMWeight, choose, choose_nm
 
 logger = logging.getLogger("graphopt.sparse")
 
@@ -164,28 +167,39 @@ def _sparse_weight(lanes: int):
                 or str(site.call.attrs.out_dtype) not in ("", "None", "void", "float32")):
             return None
         rows = int(np.prod(shape[:-1]))
-        choice, bsr = choose(np.ascontiguousarray(w.T), rows, lanes)  # (out, in), as the linear's weight
+        w_out_in = np.ascontiguousarray(w.T)  # (out, in), as the linear's weight
+        choice, bsr = choose(w_out_in, rows, lanes)
+        if bsr is None:
+            nm_choice, nm = choose_nm(w_out_in, rows, lanes)
+            if nm_choice is not None:  # N:M says more about this weight than its few zero blocks
+                logger.info("%s", nm_choice.reason())
+                return (nm, shape) if nm is not None else None
         if choice.notable:
             logger.info("%s", choice.reason())
         return (bsr, shape) if bsr is not None else None
 
     def replace(site: CallSite, found):
-        bsr, shape = found
+        weight, shape = found  # a BSRWeight or an NMWeight
         builder = site.rewriter.builder_
-        out_f, in_f = bsr.shape
+        out_f, in_f = weight.shape
         rows = int(np.prod(shape[:-1]))
         x = site.call.args[0]
         if len(shape) != 2:
             x = builder.emit(relax.op.reshape(x, [rows, in_f]))
-        kernel = builder.add_func(sparse_kernel(bsr, rows), "sparse_linear")
-        y = relax.call_tir(kernel, [x, relax.const(bsr.values, "float32"), relax.const(bsr.indices, "int32"),
-                                    relax.const(bsr.indptr, "int32")], relax.TensorType([rows, out_f], "float32"))
+        if isinstance(weight, NMWeight):
+            from .sparse_nm import call_nm_kernel  # sparse_nm builds on this module
+
+            y = call_nm_kernel(builder, x, weight, rows, lanes)
+            return y if len(shape) == 2 else relax.op.reshape(builder.emit(y), [*shape[:-1], out_f])
+        kernel = builder.add_func(sparse_kernel(weight, rows), "sparse_linear")
+        y = relax.call_tir(kernel, [x, relax.const(weight.values, "float32"), relax.const(weight.indices, "int32"),
+                                    relax.const(weight.indptr, "int32")], relax.TensorType([rows, out_f], "float32"))
         if len(shape) == 2:
             return y
         return relax.op.reshape(builder.emit(y), [*shape[:-1], out_f])
 
     return Rewrite("matmul-block-sparse", match, replace,
-                   "constant float32 matmul weight with enough all-zero blocks -> block-sparse kernel")
+                   "constant float32 matmul weight with enough all-zero blocks (or N:M) -> block-sparse (N:M) kernel")
 
 
 def sparse_linear_weights(lanes: int) -> tvm.transform.Pass:
@@ -201,12 +215,15 @@ class SparseLinear(base.CPURule):
     """The block-sparse kernel above, found by its block annotation; the input's reshape before
     it and its epilogue (bias, activation) after it are elementwise loops."""
 
+    kinds = ("row", "column")  # the SPARSE_BLOCK_ATTR values this rule schedules
+
     def analyze(self, func):
         return base.root_blocks(func)
 
     def match(self, info: base.FuncInfo, target: Target):
         sch = info.sch
-        mains = [i for i, b in enumerate(info.blocks) if SPARSE_BLOCK_ATTR in sch.get(b).annotations]
+        mains = [i for i, b in enumerate(info.blocks)
+                 if str(sch.get(b).annotations.get(SPARSE_BLOCK_ATTR, "")) in self.kinds]
         if len(mains) != 1 or len(sch.get_loops(info.blocks[mains[0]])) != 2:
             return None
         # before it: the input flattened to rows (a sequence's); after it: the epilogue
@@ -217,8 +234,9 @@ class SparseLinear(base.CPURule):
         pre, main, post = match
         row_tiles, weight_rows = sch.get_loops(main)
         sch.reorder(weight_rows, row_tiles)  # a weight row's kept blocks stay in cache across the row tiles
-        x, values = (r.source for r in sch.get(main).reads[:2])  # the kernel's reads: x, values, ...
-        macs = int(x.shape[0]) * int(values.shape[0]) * int(values.shape[1])
+        # the kernels write y (rows, out_features) and read their kept values second: a multiply-add each per row
+        y, values = sch.get(main).writes[0].source, sch.get(main).reads[1].source
+        macs = int(y.shape[0]) * int(np.prod([int(d) for d in values.shape]))
         cores = base.num_cores(target)
         if cores > 1 and macs >= _MIN_PARALLEL_MACS:
             # one contiguous share of the weight rows per core, each a plain loop: the kept blocks
