@@ -1,10 +1,12 @@
-"""Block-sparse linear kernels (targets/cpu/schedules/sparse_linear.py, sparse_format.py).
+"""Block-sparse and N:M-sparse linear kernels (targets/cpu/schedules/sparse_linear.py,
+sparse_nm.py, sparse_format.py).
 
 A constant linear weight whose 1 x lanes or lanes x 1 blocks are mostly exact zeros builds to
 the block-sparse kernel, which stores only the kept blocks; a weight with too few zero blocks
 keeps the dense kernel and the build log says why. Compiled models are compared with eager on
 the fp32 (``algebraic``) rung at 16 lanes (AVX-512, this host), 8 (AVX2, runs here) and 4
-(arm64, checked structurally).
+(arm64, checked structurally). A 2:4 weight (no all-zero blocks) builds to the N:M kernel
+for one input row and keeps the dense kernel, with the reason logged, for more.
 """
 
 import logging
@@ -16,7 +18,7 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt.targets.cpu.schedules.sparse_format import choose, to_bsr, zero_block_mask
+from graphopt.targets.cpu.schedules.sparse_format import choose, nm_structure, to_bsr, to_nm, zero_block_mask
 from graphopt.testing import assert_matches_eager
 
 
@@ -142,3 +144,73 @@ def test_the_artifact_stores_only_the_kept_blocks(tmp_path):
     assert sizes[0.0] > weights
     # 10% of the weights stay, plus one int32 column per kept 16-float block
     assert sizes[0.0] - sizes[0.9] > 0.8 * weights, sizes
+
+
+# --------------------------------------------------------------------------- N:M
+
+
+def keep_n_of_m(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """``weight`` with the ``m - n`` smallest-magnitude inputs of every group of ``m`` set to zero."""
+    groups = weight.reshape(weight.shape[0], -1, m)
+    smallest = groups.abs().argsort(dim=-1)[..., :m - n]
+    return groups.scatter(-1, smallest, 0).reshape(weight.shape)
+
+
+def nm_mlp(n: int = 2, m: int = 4) -> nn.Module:
+    model = mlp(None, 0.0)
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight.copy_(keep_n_of_m(layer.weight, n, m))
+    return model
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (2, 8)])
+def test_nm_packing_keeps_exactly_the_weight(n, m):
+    w = keep_n_of_m(torch.randn(32, 64), n, m).numpy()
+    w[3, :m] = 0  # a group with fewer than n nonzeros is padded with zeros
+    assert nm_structure(w) == (n, m)
+    packed = to_nm(w, n, m)
+    assert packed.values.shape == (32, 64 * n // m) and packed.positions.dtype == np.uint8
+    assert np.array_equal(packed.dense(), w)
+
+
+def test_a_dense_or_three_of_four_weight_is_not_nm():
+    assert nm_structure(torch.randn(16, 64).numpy()) is None
+    assert nm_structure(keep_n_of_m(torch.randn(16, 64), 3, 4).numpy()) is None
+
+
+@pytest.mark.parametrize("target", ["x86", "x86-avx2"])  # 16 and 8 lanes
+def test_a_2_of_4_linear_builds_to_the_nm_kernel_and_matches_eager(target, caplog):
+    model, x = nm_mlp(), torch.randn(1, 128)
+    with caplog.at_level(logging.INFO, logger="graphopt.sparse"):
+        assert kernel_rules(model, x, target).count("SparseNMLinear") == 2
+    assert "2:4 sparse: N:M-sparse kernel" in caplog.text
+    assert_matches_eager(graphopt.compile(model, target, (x,))(x), model, (x,))
+
+
+def test_a_2_of_8_sequence_of_one_token_uses_the_nm_kernel():
+    model, x = nm_mlp(2, 8), torch.randn(1, 1, 128)
+    assert kernel_rules(model, x, "x86").count("SparseNMLinear") == 2
+    assert_matches_eager(graphopt.compile(model, "x86", (x,))(x), model, (x,))
+
+
+def test_a_2_of_4_linear_over_several_rows_keeps_the_dense_kernel_with_its_reason(caplog):
+    model, x = nm_mlp(), torch.randn(12, 128)
+    with caplog.at_level(logging.INFO, logger="graphopt.sparse"):
+        compiled = graphopt.compile(model, "x86", (x,))
+    assert "linear 128->64 (12 rows), 2:4 sparse: dense kernel; the N:M kernel wins only up to 1 row" in caplog.text
+    assert_matches_eager(compiled(x), model, (x,))
+
+
+def test_the_nm_artifact_stores_the_kept_values_and_a_byte_per_position(tmp_path):
+    x = torch.randn(1, 256)
+    sizes = {}
+    for n_of_4 in (4, 2):
+        model = mlp(None, 0.0, widths=(256, 512, 128))
+        with torch.no_grad():
+            for layer in (model[0], model[2]):
+                layer.weight.copy_(keep_n_of_m(layer.weight, n_of_4, 4))
+        sizes[n_of_4] = _dir_size(graphopt.compile(model, "x86", (x,)).save(str(tmp_path / f"nm{n_of_4}")))
+    weights = 4 * (256 * 512 + 512 * 128)
+    # half the values stay, plus a byte per kept value: 5/8 of the weights' bytes
+    assert sizes[4] - sizes[2] > 0.3 * weights, sizes
