@@ -10,7 +10,8 @@ Each level is the ``sparsify`` pass on every linear: ``block`` at that sparsity 
 blocks (the default block: one AVX-512 vector of one output's inputs) or ``2:4``. For each:
 
 * ours dense: the masked model built with every linear on the dense kernel;
-* ours sparse: every linear on the block-sparse kernel (whatever the cost rule would choose);
+* ours sparse: every linear on the block-sparse kernel, or at 2:4 the N:M kernel (whatever
+  the cost rule would choose);
   ``ours default`` is the build as a user gets it, the cost rule choosing per layer;
 * ORT: ONNX Runtime (ORT_ENABLE_ALL) on the same masked model, which it runs dense;
 * torch BSR: the masked linears as ``torch.sparse`` BSR matmuls (CPU BSR needs square blocks,
@@ -85,14 +86,15 @@ def masked(model: nn.Module, x: torch.Tensor, level: str) -> nn.Module:
 @contextmanager
 def sparse_kernels(mode: str):
     """Every linear on the sparse kernel (``"on"``), none (``"off"``) or as the cost rule says."""
-    saved = sparse_format.MAX_KEPT_FOR_ONE_ROW, sparse_format.MAX_KEPT_FOR_ROWS
-    forced = {"on": 1.0, "off": -1.0}.get(mode)
+    saved = sparse_format.MAX_KEPT_FOR_ONE_ROW, sparse_format.MAX_KEPT_FOR_ROWS, sparse_format.NM_MAX_ROWS
+    forced = {"on": (1.0, 1 << 30), "off": (-1.0, 0)}.get(mode)
     if forced is not None:
-        sparse_format.MAX_KEPT_FOR_ONE_ROW = sparse_format.MAX_KEPT_FOR_ROWS = forced
+        sparse_format.MAX_KEPT_FOR_ONE_ROW = sparse_format.MAX_KEPT_FOR_ROWS = forced[0]
+        sparse_format.NM_MAX_ROWS = forced[1]
     try:
         yield
     finally:
-        sparse_format.MAX_KEPT_FOR_ONE_ROW, sparse_format.MAX_KEPT_FOR_ROWS = saved
+        sparse_format.MAX_KEPT_FOR_ONE_ROW, sparse_format.MAX_KEPT_FOR_ROWS, sparse_format.NM_MAX_ROWS = saved
 
 
 class BSRLinear(nn.Module):
@@ -145,8 +147,9 @@ def bench(name: str, level: str, runs: int, rounds: int, tmp: str) -> list[objec
                 builds[mode] = graphopt.compile(model, "x86", (x,))
         finally:
             logging.getLogger("graphopt.sparse").removeHandler(handler)
-        if mode == "default":  # the linears the cost rule put on the sparse kernel, of those with zero blocks
-            chosen = f"{sum('block-sparse kernel' in r.getMessage() for r in records)}/{len(records)}"
+        if mode == "default":  # the linears the cost rule put on a sparse kernel, of those with zero blocks or N:M
+            sparse = sum(k in r.getMessage() for r in records for k in ("block-sparse kernel", "N:M-sparse kernel"))
+            chosen = f"{sparse}/{len(records)}"
     bsr = with_bsr_linears(model)
     # the encoder layer's fused fast path reads linear1/linear2's weights itself: off, so it calls them
     torch.backends.mha.set_fastpath_enabled(False)

@@ -168,12 +168,14 @@ def _sparse_weight(lanes: int):
             return None
         rows = int(np.prod(shape[:-1]))
         w_out_in = np.ascontiguousarray(w.T)  # (out, in), as the linear's weight
+        nm_choice, nm = choose_nm(w_out_in, rows, lanes)
+        if nm is not None:
+            logger.info("%s", nm_choice.reason())
+            return nm, shape
         choice, bsr = choose(w_out_in, rows, lanes)
-        if bsr is None:
-            nm_choice, nm = choose_nm(w_out_in, rows, lanes)
-            if nm_choice is not None:  # N:M says more about this weight than its few zero blocks
-                logger.info("%s", nm_choice.reason())
-                return (nm, shape) if nm is not None else None
+        if bsr is None and nm_choice is not None:  # N:M says more about this weight than its few zero blocks
+            logger.info("%s", nm_choice.reason())
+            return None
         if choice.notable:
             logger.info("%s", choice.reason())
         return (bsr, shape) if bsr is not None else None
