@@ -169,10 +169,10 @@ def _sparse_weight(lanes: int):
         rows = int(np.prod(shape[:-1]))
         w_out_in = np.ascontiguousarray(w.T)  # (out, in), as the linear's weight
         nm_choice, nm = choose_nm(w_out_in, rows, lanes)
-        if nm is not None:
+        choice, bsr = choose(w_out_in, rows, lanes)
+        if nm is not None and (bsr is None or nm.n / nm.m < bsr.kept_share):  # the kernel reading fewer weights
             logger.info("%s", nm_choice.reason())
             return nm, shape
-        choice, bsr = choose(w_out_in, rows, lanes)
         if bsr is None and nm_choice is not None:  # N:M says more about this weight than its few zero blocks
             logger.info("%s", nm_choice.reason())
             return None
