@@ -4,9 +4,11 @@ still replays from a MetaSchedule tuning record):
 
 * ``graphopt.prefetch`` -> ``llvm.prefetch`` calls for weight streams (prefetch.py);
 * ``graphopt.transpose`` -> a register shuffle network for transposing write-backs
-  (transpose.py).
+  (transpose.py);
 
-Both run after TVM's lowering because they rewrite vectorized, flattened TIR.  Pass
+and small per-task tiles stay on the stack instead of TVM's workspace pool (stack_tiles.py).
+They run after TVM's lowering because they rewrite vectorized, flattened TIR, and before the
+host finalization (LowerTVMBuiltin), which the stack tiles must precede.  Pass
 ``tir_pipeline=TIR_PIPELINE`` to ``tvm.compile``.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import tvm
 
 from graphopt.targets.cpu.prefetch import inject_prefetch
+from graphopt.targets.cpu.stack_tiles import keep_small_tiles_on_stack
 from graphopt.targets.cpu.transpose import lower_transposes
 
 TIR_PIPELINE = "graphopt"
@@ -28,7 +31,8 @@ def tir_pipeline_for(target: tvm.target.Target) -> str:
 
 def _graphopt_tir_pipeline():
     pipeline, finalize_host, finalize_device = tvm.tirx.get_tir_pipeline("default")
-    return tvm.transform.Sequential([pipeline, inject_prefetch, lower_transposes]), finalize_host, finalize_device
+    ours = [inject_prefetch, lower_transposes, keep_small_tiles_on_stack]
+    return tvm.transform.Sequential([pipeline, *ours]), finalize_host, finalize_device
 
 
 tvm.tirx.compilation_pipeline.register_tir_pipeline(TIR_PIPELINE, _graphopt_tir_pipeline)
