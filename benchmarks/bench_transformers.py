@@ -62,7 +62,7 @@ def build(name: str) -> tuple[Any, Any]:
         config = hf.BertConfig()
         model, x = hf.BertModel(config, add_pooling_layer=False), torch.randint(0, config.vocab_size, (1, SEQ))
     elif name == "gpt2":
-        config = hf.GPT2Config()
+        config = hf.GPT2Config(use_cache=False)  # no KV cache: one forward over the whole sequence
         model, x = hf.GPT2Model(config), torch.randint(0, config.vocab_size, (1, SEQ))
     elif name == "vit-b16":
         config = hf.ViTConfig()
