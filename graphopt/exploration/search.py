@@ -7,7 +7,7 @@ followed by distillation from the original model when training data is given)::
 
 For each candidate we optimize, (fine-tune), compile for the target, and measure the
 user's metric on the compiled module, its latency and its artifact size: here, or with
-``rpc=RPC(key, "host:port")`` on the device registered under ``key`` (exploration/remote.py). Every finished
+``rpc=RPC(key, "host:port")`` on the device registered under ``key`` (exploration/rpc_device.py). Every finished
 candidate is written to a cache file keyed by model, inputs, target, pipeline and the data
 it was measured and built with (evaluation, calibration and training data, values
 included), so an interrupted search resumes where it stopped and a search on other data
@@ -271,7 +271,7 @@ def run_candidate(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], targ
         path = module.save(os.path.join(workdir, "artifact"))
         res.size_bytes = _dir_size(path)
         if rpc is not None:
-            from graphopt.exploration.remote import RemoteModule
+            from graphopt.exploration.rpc_device import RemoteModule
 
             remote = RemoteModule(path, rpc)
             res.accuracy = float(metric(remote))

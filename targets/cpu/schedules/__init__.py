@@ -44,7 +44,7 @@ from .base import num_cores, simd_lanes, vector_isa
 from .blocked import block_depthwise_inputs
 from .int8 import int8_layout_passes
 from .layout import conv_weight_to_hwio, pack_dense_weights
-from .sparse_linear import sparse_linear_weights
+from .sparse_rewrite import sparse_linear_weights
 from .rules import RULE_ATTR, RULES, Dispatched, ScheduleRuleWarning, cpu_schedule_pass, dispatch, rule_of, \
     schedule_primfunc
 from .winograd import winograd_convs
