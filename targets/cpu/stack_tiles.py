@@ -18,7 +18,7 @@ from __future__ import annotations
 import tvm
 from tvm import tirx
 
-from graphopt.targets.cpu.tir_rewrite import const_int
+from graphopt.targets.cpu.tir_rewrite import const_int, rewrite_statements
 
 STACK_TILE_BYTES = 16 * 1024
 DISABLE_LOWER_BUILTIN = "disable_lower_builtin"  # tvm/tir/transform.h: kDisableLowerTVMBuiltin
@@ -46,34 +46,7 @@ def _on_stack(alloc: tirx.AllocBuffer) -> tirx.AllocBuffer:
     return tirx.AllocBuffer(buffer, annotations={**alloc.annotations, DISABLE_LOWER_BUILTIN: tirx.IntImm("int32", 1)})
 
 
-def _visit(s):
-    """``s`` with its small allocations annotated; ``s`` itself when nothing below it changed."""
-    if isinstance(s, tirx.AllocBuffer):
-        return _on_stack(s)
-    if isinstance(s, tirx.SeqStmt):
-        seq = [_visit(x) for x in s.seq]
-        return s if all(a.same_as(b) for a, b in zip(seq, s.seq)) else tirx.SeqStmt(seq)
-    if isinstance(s, tirx.For):
-        body = _visit(s.body)
-        if body.same_as(s.body):
-            return s
-        return tirx.For(s.loop_var, s.min, s.extent, s.kind, body, s.thread_binding, s.annotations)
-    if isinstance(s, tirx.AttrStmt):
-        body = _visit(s.body)
-        return s if body.same_as(s.body) else tirx.AttrStmt(s.node, s.attr_key, s.value, body)
-    if isinstance(s, tirx.IfThenElse):
-        then_case = _visit(s.then_case)
-        else_case = _visit(s.else_case) if s.else_case is not None else None
-        if then_case.same_as(s.then_case) and (else_case is None or else_case.same_as(s.else_case)):
-            return s
-        return tirx.IfThenElse(s.condition, then_case, else_case)
-    if isinstance(s, tirx.While):
-        body = _visit(s.body)
-        return s if body.same_as(s.body) else tirx.While(s.condition, body)
-    return s
-
-
 @tirx.transform.prim_func_pass(opt_level=0, name="graphopt.StackTiles")
 def keep_small_tiles_on_stack(func: tirx.PrimFunc, mod, ctx) -> tirx.PrimFunc:
-    body = _visit(func.body)
+    body = rewrite_statements(func.body, lambda s, visit: _on_stack(s) if isinstance(s, tirx.AllocBuffer) else None)
     return func if body.same_as(func.body) else func.with_body(body)

@@ -1,4 +1,5 @@
-"""Rewriting the loops a schedule rule annotated, in lowered TIR (prefetch.py, transpose.py)."""
+"""Rewriting lowered TIR: the loops a schedule rule annotated (prefetch.py, transpose.py), small
+allocations (stack_tiles.py)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,20 @@ def const_int(expr) -> int | None:
     return int(expr.value) if isinstance(expr, tirx.IntImm) else None
 
 
-def rewrite_annotated_loops(stmt, key: str, rewrite: Callable[[tirx.For, object], object]):
-    """``stmt`` with every loop annotated ``key`` replaced by ``rewrite(loop, body)``, where
-    ``body`` is the loop's body already rewritten; returns ``stmt`` itself when nothing
-    below it changed, so an unchanged function keeps its identity."""
+def rewrite_statements(stmt, rewrite: Callable[[object, Callable], object | None]):
+    """``stmt`` with each statement ``s`` for which ``rewrite(s, visit)`` returns a replacement
+    replaced by it (``visit`` rewrites a sub-statement, e.g. the body); ``None`` descends into
+    ``s``. Returns ``stmt`` itself when nothing below it changed, so an unchanged function
+    keeps its identity. Walks the node kinds of lowered CPU TIR."""
     def visit(s):
+        replaced = rewrite(s, visit)
+        if replaced is not None:
+            return replaced
         if isinstance(s, tirx.SeqStmt):
             seq = [visit(x) for x in s.seq]
             return s if all(a.same_as(b) for a, b in zip(seq, s.seq)) else tirx.SeqStmt(seq)
         if isinstance(s, tirx.For):
             body = visit(s.body)
-            if key in s.annotations:
-                return rewrite(s, body)
             if body.same_as(s.body):
                 return s
             return tirx.For(s.loop_var, s.min, s.extent, s.kind, body, s.thread_binding, s.annotations)
@@ -42,6 +45,17 @@ def rewrite_annotated_loops(stmt, key: str, rewrite: Callable[[tirx.For, object]
         return s
 
     return visit(stmt)
+
+
+def rewrite_annotated_loops(stmt, key: str, rewrite: Callable[[tirx.For, object], object]):
+    """``stmt`` with every loop annotated ``key`` replaced by ``rewrite(loop, body)``, where
+    ``body`` is the loop's body already rewritten (rewrite_statements)."""
+    def annotated_loop(s, visit):
+        if isinstance(s, tirx.For) and key in s.annotations:
+            return rewrite(s, visit(s.body))
+        return None
+
+    return rewrite_statements(stmt, annotated_loop)
 
 
 def without_annotation(loop: tirx.For, key: str, body=None) -> tirx.For:
